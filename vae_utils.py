@@ -1,0 +1,886 @@
+"""Convolutional variational autoencoders for MNIST and CIFAR-10: data, model, losses, training, evaluation, plots.
+
+Importing this module has no side effects: it downloads nothing, trains nothing and reads no arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+import os
+import platform
+import sys
+import time
+import zipfile
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import tensorflow as tf
+from matplotlib.figure import Figure
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------------------------------
+
+MNIST_CLASS_NAMES = tuple(str(digit) for digit in range(10))
+CIFAR10_CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    """Shapes, label layout and class names of one data set as `tf.keras.datasets` returns it."""
+
+    image_shape: tuple[int, ...]
+    label_ndim: int
+    class_names: tuple[str, ...]
+
+
+DATASETS = {
+    "mnist": DatasetSpec((28, 28), 1, MNIST_CLASS_NAMES),
+    "cifar10": DatasetSpec((32, 32, 3), 2, CIFAR10_CLASS_NAMES),
+}
+_NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+class DatasetError(ValueError):
+    """The data set could not be found, read or validated."""
+
+
+def dataset_spec(name: str) -> DatasetSpec:
+    """Return the specification of a known data set, or raise a ValueError naming the known ones."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown data set name={name!r}; expected one of {sorted(DATASETS)}")
+    return DATASETS[name]
+
+
+def _validate_arrays(name: str, arrays: Mapping[str, np.ndarray], source: str) -> None:
+    spec = dataset_spec(name)
+    for split in ("train", "test"):
+        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        if x.dtype != np.uint8 or x.ndim != 1 + len(spec.image_shape) or x.shape[1:] != spec.image_shape:
+            raise DatasetError(f"{source}: x_{split} has shape {x.shape} and dtype {x.dtype}; "
+                               f"{name} needs uint8 images of shape (N, {', '.join(map(str, spec.image_shape))})")
+        if len(x) == 0 or y.shape[0] != len(x) or y.ndim != spec.label_ndim or not np.issubdtype(y.dtype, np.integer):
+            raise DatasetError(f"{source}: y_{split} has shape {y.shape} and dtype {y.dtype} for {len(x)} images; "
+                               f"{name} needs {spec.label_ndim}-d integer labels, one per image")
+        if y.min() < 0 or y.max() >= len(spec.class_names):
+            raise DatasetError(f"{source}: y_{split} holds labels in [{y.min()}, {y.max()}]; "
+                               f"{name} has classes 0..{len(spec.class_names) - 1}")
+
+
+def _load_npz(name: str, path: str) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            missing = [key for key in _NPZ_KEYS if key not in archive.files]
+            if missing:
+                raise DatasetError(f"{path} lacks the keys {missing}; a keras-format .npz holds {list(_NPZ_KEYS)}")
+            arrays = {key: archive[key] for key in _NPZ_KEYS}
+    except DatasetError:
+        raise
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
+        raise DatasetError(f"{path} is not a readable .npz file ({type(error).__name__}: {error}); "
+                           f"replace it with a copy of the keras-format archive") from None
+    _validate_arrays(name, arrays, path)
+    return (arrays["x_train"], arrays["y_train"]), (arrays["x_test"], arrays["y_test"])
+
+
+def load_dataset(name: str, data_dir: str | None = None):
+    """Return `(x_train, y_train), (x_test, y_test)` as `tf.keras.datasets.<name>.load_data()` does."""
+    dataset_spec(name)
+    tried = []
+    for directory in (data_dir, os.environ.get("VAE_DATA_DIR")):
+        if not directory:
+            continue
+        path = os.path.join(os.path.expanduser(directory), f"{name}.npz")
+        if os.path.isfile(path):
+            return _load_npz(name, path)
+        tried.append(f"no file {path}")
+    try:
+        (x_train, y_train), (x_test, y_test) = getattr(tf.keras.datasets, name).load_data()
+    except Exception as error:  # noqa: BLE001 - any download failure gets the same advice
+        tried.append(f"tf.keras.datasets.{name}.load_data() failed ({type(error).__name__}: {str(error)[:200]})")
+        raise DatasetError(f"could not load {name!r}: " + "; ".join(tried) + f". Put the keras-format {name}.npz "
+                           f"(keys {', '.join(_NPZ_KEYS)}) in a folder and pass data_dir= or set VAE_DATA_DIR "
+                           f"to that folder.") from None
+    _validate_arrays(name, {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test},
+                     f"tf.keras.datasets.{name}")
+    return (x_train, y_train), (x_test, y_test)
+
+
+def preprocess_images(images: np.ndarray, binarize: bool = False) -> np.ndarray:
+    """Scale uint8 images to float32 in [0, 1] with a channel axis; optionally binarize at 0.5 (static binarization)."""
+    images = np.asarray(images)
+    if images.ndim not in (3, 4) or images.size == 0:
+        raise ValueError(f"images must be a non-empty (N, H, W) or (N, H, W, C) array, got shape {images.shape}")
+    if images.dtype == np.uint8:
+        images = images.astype(np.float32) / 255.0
+    elif np.issubdtype(images.dtype, np.floating):
+        images = images.astype(np.float32)
+        if not np.isfinite(images).all():
+            raise ValueError("images contain NaN or infinite values")
+        if images.min() < 0.0 or images.max() > 1.0:
+            raise ValueError(f"float images must lie in [0, 1], got values in [{images.min():g}, {images.max():g}]")
+    else:
+        raise TypeError(f"images must be uint8 or floating point, got dtype {images.dtype}")
+    if images.ndim == 3:
+        images = images[..., np.newaxis]
+    if binarize:
+        images = np.where(images > 0.5, 1.0, 0.0).astype(np.float32)
+    return images
+
+
+def check_images(images, config: "VAEConfig | None" = None, name: str = "images") -> np.ndarray:
+    """Return `images` as float32 after checking they are model-ready: (N, H, W, C), finite, in [0, 1]."""
+    if isinstance(images, tf.Tensor):
+        images = images.numpy()
+    images = np.asarray(images)
+    if images.ndim != 4 or images.size == 0:
+        raise ValueError(f"{name} must be a non-empty (N, H, W, C) array, got shape {images.shape}")
+    if not np.issubdtype(images.dtype, np.floating):
+        raise TypeError(f"{name} has dtype {images.dtype}; pass them through preprocess_images() first "
+                        f"to get float32 values in [0, 1]")
+    images = images.astype(np.float32, copy=False)
+    if not np.isfinite(images).all():
+        raise ValueError(f"{name} contain NaN or infinite values")
+    low, high = float(images.min()), float(images.max())
+    if low < 0.0 or high > 1.0:
+        raise ValueError(f"{name} must lie in [0, 1], got values in [{low:g}, {high:g}]; "
+                         f"use preprocess_images() on raw uint8 images")
+    if config is not None and images.shape[1:] != (config.img_size, config.img_size, config.channels):
+        raise ValueError(f"{name} have shape {images.shape[1:]} but the model expects "
+                         f"({config.img_size}, {config.img_size}, {config.channels})")
+    return images
+
+
+def make_dataset(images: np.ndarray, batch_size: int, shuffle_seed: int | None = None,
+                 drop_remainder: bool = False) -> tf.data.Dataset:
+    """Batch images into a `tf.data` pipeline; shuffled with `shuffle_seed` when one is given, then prefetched."""
+    if not 1 <= batch_size <= len(images):
+        raise ValueError(f"batch_size={batch_size} must be between 1 and the number of images ({len(images)})")
+    dataset = tf.data.Dataset.from_tensor_slices(images)
+    if shuffle_seed is not None:
+        dataset = dataset.shuffle(len(images), seed=shuffle_seed, reshuffle_each_iteration=False)
+    return dataset.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------------------------------
+
+LIKELIHOODS = {"bernoulli": 1, "logistic": 2}  # decoder outputs per pixel channel
+UPSAMPLINGS = ("transpose", "resize")
+
+
+def decoder_grid_size(img_size: int, num_convolutions: int, strides: int) -> int:
+    """Side of the feature map fed to the first transposed convolution: img_size / strides**num_convolutions."""
+    downsampling = strides ** num_convolutions
+    if img_size % downsampling:
+        raise ValueError(f"img_size={img_size} is not divisible by strides**num_convolutions = "
+                         f"{strides}**{num_convolutions} = {downsampling}")
+    return img_size // downsampling
+
+
+@dataclasses.dataclass(frozen=True)
+class VAEConfig:
+    """Architecture of a `CVAE`; `filters` doubles with each strided convolution of the encoder."""
+
+    img_size: int = 28
+    channels: int = 1
+    latent_dim: int = 2
+    num_convolutions: int = 2
+    filters: int = 32
+    kernel_size: int = 3
+    strides: int = 2
+    encoder_padding: str = "same"
+    upsampling: str = "transpose"
+    likelihood: str = "bernoulli"
+    logvar_bound: float = 10.0
+
+    def __post_init__(self):
+        for field in ("img_size", "channels", "latent_dim", "num_convolutions", "filters", "kernel_size", "strides"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+                raise ValueError(f"{field}={value!r} must be a positive integer")
+        decoder_grid_size(self.img_size, self.num_convolutions, self.strides)
+        if self.encoder_padding not in ("same", "valid"):
+            raise ValueError(f"encoder_padding={self.encoder_padding!r} must be 'same' or 'valid'")
+        if self.upsampling not in UPSAMPLINGS:
+            raise ValueError(f"upsampling={self.upsampling!r} must be one of {UPSAMPLINGS}")
+        if self.likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood={self.likelihood!r} must be one of {tuple(LIKELIHOODS)}")
+        if not self.logvar_bound > 0:
+            raise ValueError(f"logvar_bound={self.logvar_bound!r} must be positive")
+
+    @property
+    def grid_size(self) -> int:
+        return decoder_grid_size(self.img_size, self.num_convolutions, self.strides)
+
+    @property
+    def image_dims(self) -> int:
+        return self.img_size * self.img_size * self.channels
+
+
+class CVAE(tf.keras.Model):
+    """Convolutional VAE: strided Conv2D encoder to (mean, log-variance), Dense + transposed-conv decoder to logits."""
+
+    def __init__(self, config: VAEConfig | None = None, **overrides):
+        super().__init__()
+        self.config = dataclasses.replace(config or VAEConfig(), **overrides)
+        c = self.config
+        widths = [c.filters * 2 ** i for i in range(c.num_convolutions)]
+        self.encoder = tf.keras.Sequential(
+            [tf.keras.Input(shape=(c.img_size, c.img_size, c.channels))]
+            + [tf.keras.layers.Conv2D(w, c.kernel_size, strides=c.strides, padding=c.encoder_padding,
+                                      activation="relu") for w in widths]
+            + [tf.keras.layers.Flatten(), tf.keras.layers.Dense(2 * c.latent_dim)],  # no activation: mean and logvar
+            name="encoder")
+        upsampling_blocks = []
+        for w in reversed(widths):
+            if c.upsampling == "transpose":
+                upsampling_blocks.append(tf.keras.layers.Conv2DTranspose(
+                    w, c.kernel_size, strides=c.strides, padding="same", activation="relu"))
+            else:  # resize then convolve, which has no uneven kernel overlap and so no checkerboard (Odena et al. 2016)
+                upsampling_blocks += [tf.keras.layers.UpSampling2D(c.strides, interpolation="nearest"),
+                                      tf.keras.layers.Conv2D(w, c.kernel_size, padding="same", activation="relu")]
+        self.decoder = tf.keras.Sequential(
+            [tf.keras.Input(shape=(c.latent_dim,)),
+             tf.keras.layers.Dense(c.grid_size * c.grid_size * c.filters, activation="relu"),
+             tf.keras.layers.Reshape((c.grid_size, c.grid_size, c.filters))]
+            + upsampling_blocks
+            # One output map per image channel (times the likelihood's parameters per pixel), stride 1 keeps the size.
+            + [tf.keras.layers.Conv2DTranspose(c.channels * LIKELIHOODS[c.likelihood], c.kernel_size, strides=1,
+                                               padding="same")],
+            name="decoder")
+
+    def encode(self, x):
+        """Return the mean and the (softly bounded) log-variance of q(z|x)."""
+        mean, raw_logvar = tf.split(self.encoder(x), num_or_size_splits=2, axis=1)
+        # tanh keeps logvar in (-bound, bound) so exp(logvar) cannot overflow, with gradients everywhere.
+        bound = self.config.logvar_bound
+        return mean, bound * tf.tanh(raw_logvar / bound)
+
+    def reparameterize(self, mean, logvar):
+        """Draw z = mean + sigma * eps with eps ~ N(0, I), so the randomness sits outside the trainable path."""
+        eps = tf.random.normal(shape=tf.shape(mean))
+        return eps * tf.exp(logvar * 0.5) + mean
+
+    def decode(self, z, apply_sigmoid=False):
+        """Return the decoder's logits, or the mean image in [0, 1] when `apply_sigmoid` is true."""
+        logits = self.decoder(z)
+        if apply_sigmoid:
+            return tf.sigmoid(logits[..., :self.config.channels])
+        return logits
+
+    def sample(self, eps=None, num_samples=100):
+        """Decode latent codes `eps` (drawn from the prior N(0, I) when not given) into images."""
+        if eps is None:
+            eps = tf.random.normal(shape=(num_samples, self.config.latent_dim))
+        return self.decode(eps, apply_sigmoid=True)
+
+    def call(self, x):
+        mean, logvar = self.encode(x)
+        return self.decode(self.reparameterize(mean, logvar))
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python, NumPy and TensorFlow so that weights, shuffles and samples repeat."""
+    tf.keras.utils.set_random_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Losses
+# ---------------------------------------------------------------------------------------------------------------------
+
+LOG_2PI = math.log(2.0 * math.pi)
+
+
+def log_normal_pdf(sample, mean, logvar, raxis=1):
+    """Log-density of a diagonal Gaussian N(mean, exp(logvar)) at `sample`, summed over `raxis`."""
+    return tf.reduce_sum(-0.5 * ((sample - mean) ** 2.0 * tf.exp(-logvar) + logvar + LOG_2PI), axis=raxis)
+
+
+def discretized_logistic_log_prob(x, loc, log_scale):
+    """Log-probability of 8-bit pixels `x` in [0, 1] under a logistic discretized into 256 bins, per pixel.
+
+    `loc` is on the [-1, 1] scale; the outer bins (pixel values 0 and 255) take all the tail mass, so the 256
+    probabilities of one pixel sum to one.
+    """
+    x = 2.0 * x - 1.0
+    centered = x - loc
+    inv_scale = tf.exp(-log_scale)
+    plus_in = inv_scale * (centered + 1.0 / 255.0)
+    minus_in = inv_scale * (centered - 1.0 / 255.0)
+    log_cdf_plus = plus_in - tf.nn.softplus(plus_in)  # log sigmoid(plus_in), for pixel value 0
+    log_one_minus_cdf_minus = -tf.nn.softplus(minus_in)  # log (1 - sigmoid(minus_in)), for pixel value 255
+    cdf_delta = tf.sigmoid(plus_in) - tf.sigmoid(minus_in)
+    mid_in = inv_scale * centered
+    log_pdf_mid = mid_in - log_scale - 2.0 * tf.nn.softplus(mid_in)  # density times bin width when delta underflows
+    log_prob_mid = tf.where(cdf_delta > 1e-5, tf.math.log(tf.maximum(cdf_delta, 1e-12)),
+                            log_pdf_mid - math.log(127.5))
+    return tf.where(x < -0.999, log_cdf_plus, tf.where(x > 0.999, log_one_minus_cdf_minus, log_prob_mid))
+
+
+def reconstruction_log_prob(model: CVAE, x, decoder_output):
+    """log p(x|z) per example, summed over height, width and channels, for the model's likelihood."""
+    if model.config.likelihood == "bernoulli":
+        cross_entropy = tf.nn.sigmoid_cross_entropy_with_logits(logits=decoder_output, labels=x)
+        return -tf.reduce_sum(cross_entropy, axis=[1, 2, 3])
+    logits, raw_log_scale = tf.split(decoder_output, 2, axis=-1)
+    log_scale = tf.maximum(raw_log_scale, -7.0)  # scale >= e^-7 keeps the bin probabilities representable
+    loc = 2.0 * tf.sigmoid(logits) - 1.0
+    return tf.reduce_sum(discretized_logistic_log_prob(x, loc, log_scale), axis=[1, 2, 3])
+
+
+def kl_divergence_to_standard_normal(mean, logvar):
+    """Analytic KL(N(mean, exp(logvar)) || N(0, I)) per example (Kingma & Welling 2014, appendix B)."""
+    return 0.5 * tf.reduce_sum(tf.exp(logvar) + tf.square(mean) - 1.0 - logvar, axis=1)
+
+
+def elbo_per_example(model: CVAE, x, analytic_kl: bool = False, kl_weight=1.0):
+    """Single-sample ELBO log p(x|z) - KL per example; KL by Monte Carlo (default) or in closed form."""
+    mean, logvar = model.encode(x)
+    z = model.reparameterize(mean, logvar)
+    logpx_z = reconstruction_log_prob(model, x, model.decode(z))  # (a) reconstruction
+    if analytic_kl:
+        kl = kl_divergence_to_standard_normal(mean, logvar)
+    else:
+        logpz = log_normal_pdf(z, 0.0, 0.0)
+        logqz_x = log_normal_pdf(z, mean, logvar)
+        kl = logqz_x - logpz  # (b) one-sample Monte-Carlo estimate of KL(q(z|x) || p(z))
+    return logpx_z - kl_weight * kl
+
+
+def compute_loss(model: CVAE, x):
+    """Negative single-sample Monte-Carlo ELBO, -mean(log p(x|z) + log p(z) - log q(z|x)), averaged over the batch."""
+    return -tf.reduce_mean(elbo_per_example(model, x))
+
+
+class KLWarmup:
+    """ELBO loss whose KL weight rises linearly over the first epochs, against posterior collapse (Bowman et al. 2016).
+
+    The weight in epoch e is min(1, e / (warmup_epochs + 1)); `main_train_loop` calls `start_epoch(e)` each epoch.
+    """
+
+    def __init__(self, warmup_epochs: int):
+        if isinstance(warmup_epochs, bool) or not isinstance(warmup_epochs, (int, np.integer)) or warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs={warmup_epochs!r} must be an integer >= 0")
+        self.warmup_epochs = int(warmup_epochs)
+        self.kl_weight = tf.Variable(self.weight(1), trainable=False, dtype=tf.float32, name="kl_weight")
+        self.__name__ = f"kl_warmup(epochs={self.warmup_epochs})"
+
+    def weight(self, epoch: int) -> float:
+        return min(1.0, epoch / (self.warmup_epochs + 1))
+
+    def start_epoch(self, epoch: int) -> None:
+        self.kl_weight.assign(self.weight(epoch))
+
+    def __call__(self, model: CVAE, x):
+        return -tf.reduce_mean(elbo_per_example(model, x, kl_weight=self.kl_weight))
+
+
+def compute_kernel(x, y):
+    """Gaussian kernel matrix k(x_i, y_j) = exp(-||x_i - y_j||^2 / dim), i.e. bandwidth 2 sigma^2 = latent dim."""
+    dim = tf.cast(tf.shape(x)[1], x.dtype)
+    squared_distances = tf.reduce_sum(tf.square(x[:, tf.newaxis, :] - y[tf.newaxis, :, :]), axis=2)
+    return tf.exp(-squared_distances / dim)
+
+
+def compute_mmd(x, y):
+    """Biased (V-statistic) estimate of the squared maximum mean discrepancy between samples `x` and `y`."""
+    return (tf.reduce_mean(compute_kernel(x, x)) + tf.reduce_mean(compute_kernel(y, y))
+            - 2.0 * tf.reduce_mean(compute_kernel(x, y)))
+
+
+def compute_mmd_loss(model: CVAE, x, mmd_weight=1000.0):
+    """InfoVAE / MMD-VAE loss: mean reconstruction negative log-likelihood + mmd_weight * MMD(q(z) codes, N(0, I))."""
+    mean, logvar = model.encode(x)
+    z = model.reparameterize(mean, logvar)
+    reconstruction_nll = -reconstruction_log_prob(model, x, model.decode(z))
+    prior_samples = tf.random.normal(shape=tf.shape(z))
+    return tf.reduce_mean(reconstruction_nll) + mmd_weight * compute_mmd(z, prior_samples)
+
+
+def mmd_loss(mmd_weight: float = 1000.0) -> Callable:
+    """Return `compute_mmd_loss` with its weight fixed, in the `loss_fn(model, x)` form that training takes."""
+    loss_fn = functools.partial(compute_mmd_loss, mmd_weight=mmd_weight)
+    loss_fn.__name__ = f"mmd_loss(weight={mmd_weight:g})"
+    return loss_fn
+
+
+def iwae_log_likelihood(model: CVAE, x, num_samples: int = 64):
+    """Importance-weighted bound on log p(x) per example with `num_samples` samples (Burda et al. 2016)."""
+    mean, logvar = model.encode(x)
+    batch = tf.shape(x)[0]
+    mean_k = tf.repeat(mean, num_samples, axis=0)  # (batch * k, latent), example-major
+    logvar_k = tf.repeat(logvar, num_samples, axis=0)
+    z = model.reparameterize(mean_k, logvar_k)
+    logpx_z = reconstruction_log_prob(model, tf.repeat(x, num_samples, axis=0), model.decode(z))
+    log_weights = logpx_z + log_normal_pdf(z, 0.0, 0.0) - log_normal_pdf(z, mean_k, logvar_k)
+    log_weights = tf.reshape(log_weights, (batch, num_samples))
+    return tf.reduce_logsumexp(log_weights, axis=1) - math.log(num_samples)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------------------------------
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a NaN or infinite loss."""
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint directory holds a run of another architecture, data set or loss."""
+
+
+def get_strategy(verbose: bool = True) -> tf.distribute.Strategy:
+    """Return TPUStrategy when a TPU is reachable, MirroredStrategy for several GPUs, else the default strategy."""
+    strategy = None
+    if os.environ.get("COLAB_TPU_ADDR") or os.environ.get("TPU_NAME") or os.path.exists("/dev/accel0"):
+        try:
+            tpu = os.environ.get("TPU_NAME") or ("local" if os.path.exists("/dev/accel0") else "")
+            resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
+            tf.config.experimental_connect_to_cluster(resolver)
+            tf.tpu.experimental.initialize_tpu_system(resolver)
+            strategy = tf.distribute.TPUStrategy(resolver)
+        except (ValueError, RuntimeError, tf.errors.OpError) as error:
+            print(f"A TPU was advertised but could not be used ({type(error).__name__}); falling back.")
+    gpus = tf.config.list_logical_devices("GPU")
+    if strategy is None and len(gpus) > 1:
+        strategy = tf.distribute.MirroredStrategy()
+    if strategy is None:
+        strategy = tf.distribute.get_strategy()
+    if verbose:
+        devices = "TPU" if isinstance(strategy, tf.distribute.TPUStrategy) else (
+            f"{len(gpus)} GPU(s)" if gpus else "CPU")
+        print(f"Strategy: {type(strategy).__name__} with {strategy.num_replicas_in_sync} replica(s) on {devices}")
+    return strategy
+
+
+def _data_fingerprint(images: np.ndarray) -> str:
+    digest = hashlib.sha1(np.ascontiguousarray(images[:256]).tobytes()).hexdigest()[:16]
+    return f"{images.shape}:{digest}"
+
+
+def _run_signature(model: CVAE, train_images: np.ndarray, loss_fn: Callable, batch_size: int,
+                   learning_rate: float) -> dict:
+    return {"config": dataclasses.asdict(model.config), "train_data": _data_fingerprint(train_images),
+            "loss": getattr(loss_fn, "__name__", repr(loss_fn)), "batch_size": batch_size,
+            "learning_rate": learning_rate}
+
+
+def _write_json_atomically(path: str, payload) -> None:
+    temporary = f"{path}.tmp"
+    with open(temporary, "w") as handle:
+        json.dump(payload, handle, indent=1)
+    os.replace(temporary, path)  # a reader never sees half a file, even if this process is killed
+
+
+class _TrainingState:
+    """Checkpointed state of a run: model, optimizer, completed epochs, and the history beside them as JSON."""
+
+    def __init__(self, checkpoint_dir, model, optimizer, signature):
+        self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="completed_epochs")
+        self.history: list[dict] = []
+        self.manager = None
+        if checkpoint_dir is None:
+            return
+        os.makedirs(checkpoint_dir, exist_ok=True)
+        self.history_path = os.path.join(checkpoint_dir, "history.json")
+        checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=self.epoch)
+        self.manager = tf.train.CheckpointManager(checkpoint, checkpoint_dir, max_to_keep=2)
+        signature_path = os.path.join(checkpoint_dir, "run.json")
+        if self.manager.latest_checkpoint:
+            saved = json.load(open(signature_path)) if os.path.exists(signature_path) else {}
+            differences = [f"{key}: checkpoint has {saved.get(key)!r}, this run has {value!r}"
+                           for key, value in signature.items() if saved.get(key) != value]
+            if differences:
+                raise CheckpointMismatchError(f"checkpoint_dir={checkpoint_dir!r} holds another run ("
+                                              + "; ".join(differences) + "); use a new directory or delete it")
+            checkpoint.restore(self.manager.latest_checkpoint).assert_existing_objects_matched()
+            if os.path.exists(self.history_path):
+                # The history is written before the checkpoint, so it may hold one epoch the checkpoint lacks.
+                self.history = json.load(open(self.history_path))[: int(self.epoch.numpy())]
+        else:
+            _write_json_atomically(signature_path, signature)
+
+    def save(self, epoch: int, row: dict) -> None:
+        self.history.append(row)
+        self.epoch.assign(epoch)
+        if self.manager is not None:
+            _write_json_atomically(self.history_path, self.history)
+            self.manager.save(checkpoint_number=epoch)
+
+
+def make_train_function(model: CVAE, optimizer, loss_fn: Callable, strategy: tf.distribute.Strategy):
+    """Build a `tf.function` that runs `num_steps` GradientTape steps from a distributed iterator.
+
+    Returns the per-step mean loss over replicas, so the caller synchronises with the device once per call.
+    """
+    replicas = strategy.num_replicas_in_sync
+
+    def replica_step(x):
+        with tf.GradientTape() as tape:
+            loss = loss_fn(model, x)
+            # Each replica sees an equal share of a fixed global batch, so dividing by the replica count makes the
+            # summed gradients those of the global-batch mean.
+            scaled_loss = loss / replicas
+        gradients = tape.gradient(scaled_loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(gradients, model.trainable_variables))
+        return loss
+
+    @tf.function
+    def train_steps(iterator, num_steps):
+        losses = tf.TensorArray(tf.float32, size=num_steps)
+        for step in tf.range(num_steps):
+            per_replica_loss = strategy.run(replica_step, args=(next(iterator),))
+            losses = losses.write(step, strategy.reduce(tf.distribute.ReduceOp.MEAN, per_replica_loss, axis=None))
+        return losses.stack()
+
+    return train_steps
+
+
+@functools.lru_cache(maxsize=None)
+def _batched_metric(name: str) -> Callable:
+    metrics = {
+        "elbo": lambda model, x: elbo_per_example(model, x),
+        "elbo_analytic": lambda model, x: elbo_per_example(model, x, analytic_kl=True),
+    }
+    return tf.function(metrics[name])
+
+
+def evaluate_elbo(model: CVAE, images: np.ndarray, batch_size: int = 1000, analytic_kl: bool = False) -> float:
+    """Mean single-sample ELBO over `images` in nats (KL by Monte Carlo, or in closed form when `analytic_kl`)."""
+    images = check_images(images, model.config)
+    function = _batched_metric("elbo_analytic" if analytic_kl else "elbo")
+    total = 0.0
+    for batch in make_dataset(images, min(batch_size, len(images))):
+        total += float(tf.reduce_sum(function(model, batch)))
+    return total / len(images)
+
+
+class _ProgressBar:
+    """A one-line text progress bar that is replaced by a summary line when the epoch ends."""
+
+    def __init__(self, total: int, label: str, enabled: bool, width: int = 24):
+        self.total, self.label, self.enabled, self.width = total, label, enabled, width
+        self.last_draw = 0.0
+
+    def update(self, done: int, loss: float) -> None:
+        now = time.perf_counter()
+        if not self.enabled or (now - self.last_draw < 0.5 and done < self.total):
+            return
+        self.last_draw = now
+        filled = self.width * done // self.total
+        bar = "=" * filled + ">" * (filled < self.width) + "." * (self.width - filled - 1)
+        sys.stdout.write(f"\r{self.label} [{bar}] {done}/{self.total}  loss {loss:.2f}")
+        sys.stdout.flush()
+
+    def close(self, summary: str) -> None:
+        if self.enabled:
+            sys.stdout.write("\r" + summary.ljust(self.width + len(self.label) + 40) + "\n")
+            sys.stdout.flush()
+
+
+def main_train_loop(model: CVAE, train_images: np.ndarray, test_images: np.ndarray, *, epochs: int,
+                    batch_size: int = 128, learning_rate: float = 1e-3, loss_fn: Callable = compute_loss,
+                    strategy: tf.distribute.Strategy | None = None, checkpoint_dir: str | None = None,
+                    on_epoch_end: Callable | None = None, seed: int = 0, steps_per_execution: int = 1,
+                    eval_batch_size: int = 1000, verbose: bool = True) -> list[dict]:
+    """Train `model` with Adam for `epochs` epochs and return the per-epoch history.
+
+    Each epoch shows a progress bar that ends in one line: epoch, seconds, mean training loss, test-set ELBO.
+    With `checkpoint_dir`, model, optimizer and epoch are saved after every epoch and a new call resumes after the
+    last completed one. `on_epoch_end(epoch, model, row)` runs after each epoch (e.g. to show reconstructions).
+    """
+    if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 1:
+        raise ValueError(f"epochs={epochs!r} must be an integer >= 1")
+    if not isinstance(steps_per_execution, (int, np.integer)) or steps_per_execution < 1:
+        raise ValueError(f"steps_per_execution={steps_per_execution!r} must be an integer >= 1")
+    if not learning_rate > 0:
+        raise ValueError(f"learning_rate={learning_rate!r} must be positive")
+    train_images = check_images(train_images, model.config, "train_images")
+    test_images = check_images(test_images, model.config, "test_images")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
+            or not 1 <= batch_size <= len(train_images):
+        raise ValueError(f"batch_size={batch_size!r} must be an integer between 1 and the number of training "
+                         f"images ({len(train_images)})")
+    strategy = strategy or tf.distribute.get_strategy()
+    if batch_size % strategy.num_replicas_in_sync:
+        raise ValueError(f"batch_size={batch_size} must be divisible by the {strategy.num_replicas_in_sync} replicas")
+    if tf.distribute.has_strategy() is False and not all(
+            strategy.extended.variable_created_in_scope(getattr(v, "value", v)) for v in model.variables):
+        raise ValueError(f"the model was not built under {type(strategy).__name__}.scope(); "
+                         f"create it inside `with strategy.scope():`")
+
+    with strategy.scope():
+        optimizer = tf.keras.optimizers.Adam(learning_rate)
+        optimizer.build(model.trainable_variables)
+    signature = _run_signature(model, train_images, loss_fn, batch_size, learning_rate)
+    state = _TrainingState(checkpoint_dir, model, optimizer, signature)
+    start_epoch = int(state.epoch.numpy()) + 1
+    if verbose and start_epoch > 1:
+        done = "complete" if start_epoch > epochs else f"resuming at epoch {start_epoch}"
+        print(f"Checkpoint in {checkpoint_dir}: {start_epoch - 1} epoch(s) done, {done}.")
+    train_steps = make_train_function(model, optimizer, loss_fn, strategy)
+    steps_per_epoch = len(train_images) // batch_size  # drop_remainder: static shapes for TPUs, equal replica shares
+    width = len(str(epochs))
+
+    for epoch in range(start_epoch, epochs + 1):
+        started = time.perf_counter()
+        # A fresh shuffle seeded by the epoch makes a resumed run see the same batches as an uninterrupted one.
+        dataset = make_dataset(train_images, batch_size, shuffle_seed=seed * 100_003 + epoch, drop_remainder=True)
+        iterator = iter(strategy.experimental_distribute_dataset(dataset))
+        if hasattr(loss_fn, "start_epoch"):
+            loss_fn.start_epoch(epoch)  # e.g. the KL weight of a warm-up schedule
+        progress = _ProgressBar(steps_per_epoch, f"Epoch {epoch:{width}d}/{epochs}", verbose)
+        loss_sum, done = 0.0, 0
+        while done < steps_per_epoch:
+            num_steps = min(steps_per_execution, steps_per_epoch - done)
+            losses = train_steps(iterator, tf.constant(num_steps)).numpy()
+            bad = np.flatnonzero(~np.isfinite(losses))
+            if bad.size:
+                raise NonFiniteLossError(f"loss became {losses[bad[0]]} at epoch {epoch}, step {done + bad[0] + 1} "
+                                         f"of {steps_per_epoch}; training stopped (last checkpoint: epoch "
+                                         f"{epoch - 1}). Lower the learning rate or check the inputs.")
+            loss_sum += float(losses.sum())
+            done += num_steps
+            progress.update(done, loss_sum / done)
+        train_seconds = time.perf_counter() - started
+        test_elbo = evaluate_elbo(model, test_images, eval_batch_size)
+        row = {"epoch": epoch, "seconds": train_seconds, "train_loss": loss_sum / steps_per_epoch,
+               "test_elbo": test_elbo}
+        progress.close(f"Epoch {epoch:{width}d}/{epochs} | {train_seconds:5.1f} s | train loss "
+                       f"{row['train_loss']:8.2f} | test ELBO {test_elbo:8.2f}")
+        state.save(epoch, row)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, model, row)
+    return state.history
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------------------------------
+
+def encode_means(model: CVAE, images: np.ndarray, batch_size: int = 1000) -> np.ndarray:
+    """Latent means E_q[z|x] of all `images`, shape (N, latent_dim)."""
+    images = check_images(images, model.config)
+    encode = tf.function(lambda x: model.encode(x)[0])
+    return np.concatenate([encode(batch).numpy() for batch in make_dataset(images, min(batch_size, len(images)))])
+
+
+def reconstruct(model: CVAE, images: np.ndarray, batch_size: int = 1000) -> np.ndarray:
+    """Mean images decoded from the latent means of `images` (no sampling), in [0, 1]."""
+    images = check_images(images, model.config)
+    run = tf.function(lambda x: model.decode(model.encode(x)[0], apply_sigmoid=True))
+    return np.concatenate([run(batch).numpy() for batch in make_dataset(images, min(batch_size, len(images)))])
+
+
+def psnr(images: np.ndarray, reconstructions: np.ndarray) -> float:
+    """Mean over images of the peak signal-to-noise ratio 10 log10(1 / MSE) in dB, for values in [0, 1]."""
+    mse = np.mean((np.asarray(images) - np.asarray(reconstructions)) ** 2, axis=(1, 2, 3))
+    return float(np.mean(10.0 * np.log10(1.0 / np.maximum(mse, 1e-10))))
+
+
+def active_units(latent_means: np.ndarray, threshold: float = 0.01) -> int:
+    """Number of latent dimensions whose mean code varies over the data by more than `threshold` (Burda et al.)."""
+    return int(np.sum(np.var(latent_means, axis=0) > threshold))
+
+
+def linear_probe_accuracy(train_codes, train_labels, test_codes, test_labels, max_train: int = 20000,
+                          seed: int = 0) -> float:
+    """Test accuracy of a logistic regression fitted on (at most `max_train`) standardized training codes."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    train_labels, test_labels = np.ravel(train_labels), np.ravel(test_labels)
+    chosen = np.random.default_rng(seed).permutation(len(train_codes))[:max_train]
+    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+    probe.fit(train_codes[chosen], train_labels[chosen])
+    return float(probe.score(test_codes, test_labels))
+
+
+def iwae_nll(model: CVAE, images: np.ndarray, num_samples: int = 64, batch_size: int = 50) -> float:
+    """Mean negative importance-weighted bound -log p(x) over `images`, in nats."""
+    images = check_images(images, model.config)
+    bound = tf.function(lambda x: iwae_log_likelihood(model, x, num_samples))
+    total = sum(float(tf.reduce_sum(bound(batch))) for batch in make_dataset(images, min(batch_size, len(images))))
+    return -total / len(images)
+
+
+def bits_per_dim(nll_nats: float, dims: int) -> float:
+    """Convert a negative log-likelihood per image in nats to bits per dimension."""
+    return nll_nats / (dims * math.log(2.0))
+
+
+def model_metrics(model: CVAE, train_images, train_labels, test_images, test_labels, *, iwae_samples: int = 64,
+                  iwae_images: int = 2000, likelihood_is_proper: bool = True) -> dict:
+    """Test-set metrics of a trained model: ELBO (MC and analytic KL), IWAE NLL, bits/dim, PSNR, active units, probe.
+
+    `likelihood_is_proper` is false for a Bernoulli decoder on continuous pixels, where bits/dim has no meaning.
+    """
+    test_codes = encode_means(model, test_images)
+    nll = iwae_nll(model, test_images[:iwae_images], iwae_samples)
+    return {
+        "test_elbo": evaluate_elbo(model, test_images),
+        "test_elbo_analytic": evaluate_elbo(model, test_images, analytic_kl=True),
+        "iwae_nll_nats": nll,
+        "bits_per_dim": bits_per_dim(nll, model.config.image_dims) if likelihood_is_proper else None,
+        "psnr_db": psnr(test_images, reconstruct(model, test_images)),
+        "active_units": active_units(test_codes),
+        "probe_accuracy": linear_probe_accuracy(encode_means(model, train_images), train_labels, test_codes,
+                                                test_labels),
+    }
+
+
+def describe_machine() -> str:
+    """One line naming the CPU count, accelerators and TensorFlow version."""
+    accelerators = [d.device_type for d in tf.config.list_logical_devices() if d.device_type in ("GPU", "TPU")]
+    devices = ", ".join(f"{accelerators.count(t)} {t}" for t in sorted(set(accelerators))) or "no accelerator"
+    return (f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores, {devices}, "
+            f"Python {platform.python_version()}, TensorFlow {tf.__version__}")
+
+
+def get_allClass_encodings(model: CVAE, images: np.ndarray, labels: np.ndarray):  # noqa: N802 - the homework's name
+    """Group the latent means of `images` by class; return ({class: (n_c, latent_dim) codes}, (classes, latent) means)."""
+    labels = np.ravel(labels)
+    if len(labels) != len(images):
+        raise ValueError(f"labels has {len(labels)} entries for {len(images)} images")
+    codes = encode_means(model, images)
+    classes = np.unique(labels)
+    codes_by_class = {int(c): codes[labels == c] for c in classes}
+    class_means = np.stack([codes_by_class[int(c)].mean(axis=0) for c in classes])
+    return codes_by_class, class_means
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Plots
+# ---------------------------------------------------------------------------------------------------------------------
+
+def _save(figure: Figure, path: str | None) -> Figure:
+    if path:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        figure.savefig(path, dpi=100, bbox_inches="tight")
+    return figure
+
+
+def _show_image(axis, image) -> None:
+    image = np.asarray(image)
+    if image.shape[-1] == 1:
+        axis.imshow(image[..., 0], cmap="gray", vmin=0.0, vmax=1.0)
+    else:
+        axis.imshow(np.clip(image, 0.0, 1.0))
+    axis.set_xticks([])
+    axis.set_yticks([])
+
+
+def plot_image_grid(images, ncols: int = 10, titles: Sequence[str] | None = None, suptitle: str | None = None,
+                    cell: float = 1.1, path: str | None = None) -> Figure:
+    """Show `images` (N, H, W, C) in a grid with optional per-image titles."""
+    images = np.asarray(images)
+    nrows = math.ceil(len(images) / ncols)
+    figure = Figure(figsize=(cell * ncols, cell * nrows + (0.4 if suptitle else 0)))
+    axes = figure.subplots(nrows, ncols, squeeze=False)
+    for index, axis in enumerate(axes.flat):
+        if index < len(images):
+            _show_image(axis, images[index])
+            if titles is not None:
+                axis.set_title(titles[index], fontsize=8)
+        else:
+            axis.axis("off")
+    if suptitle:
+        figure.suptitle(suptitle)
+    return _save(figure, path)
+
+
+def plot_one_image_per_class(images, labels, class_names: Sequence[str], path: str | None = None) -> Figure:
+    """Show the first image of every class, titled with its class name."""
+    labels = np.ravel(labels)
+    firsts = [int(np.flatnonzero(labels == c)[0]) for c in range(len(class_names))]
+    return plot_image_grid(np.asarray(images)[firsts], ncols=len(class_names), titles=list(class_names),
+                           cell=1.2, path=path)
+
+
+def generate_and_display_images(model: CVAE, epoch: int, test_sample, path: str | None = None) -> Figure:
+    """Show `test_sample` (top row) above its reconstructions through a sampled code (bottom row)."""
+    test_sample = check_images(test_sample, model.config, "test_sample")
+    mean, logvar = model.encode(test_sample)
+    z = model.reparameterize(mean, logvar)
+    predictions = model.sample(z)  # decode with apply_sigmoid=True: pixel probabilities in [0, 1] for display
+    figure = plot_image_grid(np.concatenate([test_sample, predictions.numpy()]), ncols=len(test_sample), cell=0.8,
+                             suptitle=f"Test images (top) and reconstructions (bottom), epoch {epoch}")
+    return _save(figure, path)
+
+
+def plot_latent_space(codes_by_class: Mapping[int, np.ndarray], class_names: Sequence[str],
+                      max_points_per_class: int = 400, title: str = "Latent means, first two principal components",
+                      seed: int = 0, path: str | None = None) -> Figure:
+    """Scatter the latent codes projected to 2-D by PCA, one colour per class, class means marked."""
+    from sklearn.decomposition import PCA
+
+    codes = np.concatenate(list(codes_by_class.values()))
+    pca = PCA(n_components=2, random_state=seed).fit(codes)
+    rng = np.random.default_rng(seed)
+    figure = Figure(figsize=(7.5, 6))
+    axis = figure.subplots()
+    colours = [f"C{i}" for i in range(10)]
+    for index, (label, class_codes) in enumerate(codes_by_class.items()):
+        chosen = class_codes[rng.permutation(len(class_codes))[:max_points_per_class]]
+        points = pca.transform(chosen) if codes.shape[1] > 2 else chosen
+        colour = colours[index % 10]
+        axis.scatter(points[:, 0], points[:, 1], s=6, alpha=0.5, color=colour, label=class_names[label])
+        centre = pca.transform(class_codes.mean(axis=0, keepdims=True))[0]
+        axis.scatter(*centre, s=140, color=colour, edgecolors="black", marker="X")
+    explained = pca.explained_variance_ratio_
+    axis.set_xlabel(f"PC 1 ({explained[0]:.0%} of variance)")
+    axis.set_ylabel(f"PC 2 ({explained[1]:.0%} of variance)")
+    axis.set_title(title)
+    axis.legend(markerscale=3, fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    return _save(figure, path)
+
+
+def _class_index(value, class_names: Sequence[str], argument: str) -> int:
+    if isinstance(value, str) and value in class_names:
+        return list(class_names).index(value)
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and 0 <= value < len(class_names):
+        return int(value)
+    raise ValueError(f"{argument}={value!r} is not a class; use an index 0..{len(class_names) - 1} or a name "
+                     f"from {list(class_names)}")
+
+
+def walk_src_to_dst(model: CVAE, src_class, dst_class, class_means: np.ndarray, class_names: Sequence[str],
+                    steps: int = 10, path: str | None = None) -> Figure:
+    """Decode `steps` codes evenly spaced (np.linspace) from the mean code of `src_class` to that of `dst_class`."""
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 2:
+        raise ValueError(f"steps={steps!r} must be an integer >= 2 (the source and the destination)")
+    src = _class_index(src_class, class_names, "src_class")
+    dst = _class_index(dst_class, class_names, "dst_class")
+    codes = np.linspace(class_means[src], class_means[dst], steps).astype(np.float32)
+    images = model.decode(codes, apply_sigmoid=True).numpy()  # one batched call for the whole walk
+    titles = [class_names[src]] + [f"{t:.2f}" for t in np.linspace(0, 1, steps)[1:-1]] + [class_names[dst]]
+    return plot_image_grid(images, ncols=steps, titles=titles, cell=1.1, path=path,
+                           suptitle=f"Walk in latent space: {class_names[src]} to {class_names[dst]}")
+
+
+def plot_prior_samples(model: CVAE, num_samples: int = 40, ncols: int = 10, seed: int = 0,
+                       path: str | None = None) -> Figure:
+    """Decode codes drawn from the prior N(0, I) in one batched call and show them in a grid."""
+    eps = tf.random.stateless_normal((num_samples, model.config.latent_dim), seed=(seed, 0))
+    return plot_image_grid(model.sample(eps).numpy(), ncols=ncols, cell=0.9, path=path,
+                           suptitle="Samples decoded from the prior N(0, I)")
+
+
+def plot_history(histories: Mapping[str, Sequence[dict]], path: str | None = None) -> Figure:
+    """Plot the test-set ELBO per epoch for each named run."""
+    figure = Figure(figsize=(6, 3.5))
+    axis = figure.subplots()
+    for name, history in histories.items():
+        axis.plot([row["epoch"] for row in history], [row["test_elbo"] for row in history], marker="o", label=name)
+    axis.set_xlabel("epoch")
+    axis.set_ylabel("test ELBO (nats)")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    return _save(figure, path)

@@ -756,6 +756,74 @@ def get_allClass_encodings(model: CVAE, images: np.ndarray, labels: np.ndarray):
     return codes_by_class, class_means
 
 
+def aggregate_posterior_samples(model: CVAE, images: np.ndarray, batch_size: int = 1000, seed: int = 0) -> np.ndarray:
+    """One code z ~ q(z|x) per image, i.e. samples of the aggregate posterior q(z) over `images`, (N, latent_dim)."""
+    images = check_images(images, model.config)
+    codes, start = [], 0
+    for batch in make_dataset(images, min(batch_size, len(images))):
+        mean, logvar = model.encode(batch)
+        eps = tf.random.stateless_normal(tf.shape(mean), seed=(seed, start))  # seeded: repeatable summaries
+        codes.append((mean + eps * tf.exp(0.5 * logvar)).numpy())
+        start += 1
+    return np.concatenate(codes)
+
+
+def mmd_to_prior(codes: np.ndarray, num_prior_samples: int | None = None, seed: int = 0) -> float:
+    """Squared MMD between `codes` (N, D) and as many N(0, I) samples, with the kernel of `compute_kernel`.
+
+    Computed in float64 NumPy through ||x||^2 + ||y||^2 - 2 x.y, so thousands of codes need no (N, N, D) tensor.
+    """
+    codes = np.asarray(codes, dtype=np.float64)
+    if codes.ndim != 2 or len(codes) < 2:
+        raise ValueError(f"codes must be an (N, D) array with N >= 2, got shape {codes.shape}")
+    prior = np.random.default_rng(seed).standard_normal((num_prior_samples or len(codes), codes.shape[1]))
+
+    def mean_kernel(x, y):
+        squared = (x * x).sum(1)[:, None] + (y * y).sum(1)[None, :] - 2.0 * x @ y.T
+        return float(np.exp(-np.maximum(squared, 0.0) / codes.shape[1]).mean())
+
+    return mean_kernel(codes, codes) + mean_kernel(prior, prior) - 2.0 * mean_kernel(codes, prior)
+
+
+def latent_distribution_summary(codes: np.ndarray, seed: int = 0) -> dict:
+    """How far the aggregate code distribution is from the prior N(0, I): MMD and per-dimension moments.
+
+    `codes` are samples of q(z) (see `aggregate_posterior_samples`). Returns the squared MMD to as many prior samples,
+    the per-dimension means and variances (lists), and their summaries; for N(0, I) they are 0, 1 and 0.
+    """
+    codes = np.asarray(codes, dtype=np.float64)
+    means, variances = codes.mean(axis=0), codes.var(axis=0)
+    return {
+        "mmd_to_prior": mmd_to_prior(codes, seed=seed),
+        "mean_abs_mean": float(np.abs(means).mean()),
+        "mean_variance": float(variances.mean()),
+        "min_variance": float(variances.min()),
+        "max_variance": float(variances.max()),
+        # KL(N(m, diag v) || N(0, I)) of the moment-matched diagonal Gaussian, in nats: 0 when the moments match.
+        "moment_kl_nats": float(0.5 * np.sum(variances + means ** 2 - 1.0 - np.log(np.maximum(variances, 1e-12)))),
+        "per_dim_mean": means.tolist(),
+        "per_dim_variance": variances.tolist(),
+    }
+
+
+def checkerboard_energy(images: np.ndarray) -> float:
+    """Share of each image's non-constant spectral power at the period-2 frequencies (Nyquist rows/columns), mean.
+
+    Strided transposed convolutions leave a period-2 checkerboard (Odena, Dumoulin & Olah 2016) that shows up
+    exactly there; natural images have little power at these frequencies, so compare a model with the data.
+    """
+    images = np.asarray(images, dtype=np.float64)
+    if images.ndim != 4 or images.shape[1] % 2 or images.shape[2] % 2:
+        raise ValueError(f"images must be (N, H, W, C) with even H and W, got shape {images.shape}")
+    height, width = images.shape[1:3]
+    power = np.abs(np.fft.fft2(images, axes=(1, 2))) ** 2  # (N, H, W, C)
+    power[:, 0, 0, :] = 0.0  # the mean colour is not structure
+    nyquist = power[:, height // 2, :, :].sum(axis=(1, 2)) + power[:, :, width // 2, :].sum(axis=(1, 2)) \
+        - power[:, height // 2, width // 2, :].sum(axis=1)
+    total = power.sum(axis=(1, 2, 3))
+    return float(np.mean(nyquist / np.maximum(total, 1e-12)))
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Plots
 # ---------------------------------------------------------------------------------------------------------------------
@@ -871,6 +939,71 @@ def plot_prior_samples(model: CVAE, num_samples: int = 40, ncols: int = 10, seed
     eps = tf.random.stateless_normal((num_samples, model.config.latent_dim), seed=(seed, 0))
     return plot_image_grid(model.sample(eps).numpy(), ncols=ncols, cell=0.9, path=path,
                            suptitle="Samples decoded from the prior N(0, I)")
+
+
+def plot_reconstruction_crops(images, reconstructions: Mapping[str, np.ndarray], indices: Sequence[int] = (0, 1, 2),
+                              box: tuple[int, int, int] = (8, 8, 12), cell: float = 1.8,
+                              path: str | None = None) -> Figure:
+    """Enlarge one square region of the originals and of each model's reconstructions, side by side.
+
+    `reconstructions` maps a model name to its reconstructions of `images` (same shape); `box` is (top, left, size)
+    in pixels. Pixels are drawn as blocks (no interpolation) so that a period-2 checkerboard stays visible. One row
+    per index: the full original with the box outlined, then the crop of the original and of every model.
+    """
+    from matplotlib.patches import Rectangle
+
+    images = np.asarray(images)
+    top, left, size = box
+    if images.ndim != 4 or not (0 <= top and 0 <= left and size >= 1 and top + size <= images.shape[1]
+                                and left + size <= images.shape[2]):
+        raise ValueError(f"box={box} must lie inside the {images.shape[1:3]} images, and images be (N, H, W, C)")
+    for name, recon in reconstructions.items():
+        if np.shape(recon) != images.shape:
+            raise ValueError(f"reconstructions[{name!r}] has shape {np.shape(recon)}, images have {images.shape}")
+    columns = [("original", images)] + [(name, np.asarray(recon)) for name, recon in reconstructions.items()]
+    figure = Figure(figsize=(cell * (len(columns) + 1), cell * len(indices) + 0.5))
+    axes = figure.subplots(len(indices), len(columns) + 1, squeeze=False)
+    for row, index in enumerate(indices):
+        _show_image(axes[row, 0], images[index])
+        axes[row, 0].add_patch(Rectangle((left - 0.5, top - 0.5), size, size, fill=False, color="red", lw=1.5))
+        for column, (name, source) in enumerate(columns, start=1):
+            crop = np.clip(source[index, top:top + size, left:left + size], 0.0, 1.0)
+            axis = axes[row, column]
+            if crop.shape[-1] == 1:
+                axis.imshow(crop[..., 0], cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+            else:
+                axis.imshow(crop, interpolation="nearest")
+            axis.set_xticks([])
+            axis.set_yticks([])
+            if row == 0:
+                axis.set_title(name, fontsize=9)
+    axes[0, 0].set_title("full image", fontsize=9)
+    figure.suptitle(f"{size}x{size} crop at (row {top}, column {left}), enlarged")
+    return _save(figure, path)
+
+
+def plot_latent_moments(summaries: Mapping[str, dict], path: str | None = None) -> Figure:
+    """Per-dimension mean and variance of the aggregate codes of each model (from `latent_distribution_summary`).
+
+    The prior N(0, I) has mean 0 and variance 1 in every dimension (dashed lines); dimensions are sorted by variance.
+    """
+    figure = Figure(figsize=(10, 3.5))
+    mean_axis, variance_axis = figure.subplots(1, 2)
+    for name, summary in summaries.items():
+        variances = np.asarray(summary["per_dim_variance"])
+        order = np.argsort(variances)[::-1]
+        label = f"{name} (MMD {summary['mmd_to_prior']:.3g})"
+        mean_axis.plot(np.asarray(summary["per_dim_mean"])[order], marker=".", label=label)
+        variance_axis.plot(variances[order], marker=".", label=label)
+    mean_axis.axhline(0.0, color="black", ls="--", lw=1)
+    variance_axis.axhline(1.0, color="black", ls="--", lw=1)
+    mean_axis.set(title="mean of each code dimension", xlabel="dimension (sorted by variance)", ylabel="mean")
+    variance_axis.set(title="variance of each code dimension", xlabel="dimension (sorted by variance)",
+                      ylabel="variance", yscale="log")
+    for axis in (mean_axis, variance_axis):
+        axis.grid(alpha=0.3)
+    variance_axis.legend(fontsize=8)
+    return _save(figure, path)
 
 
 def plot_history(histories: Mapping[str, Sequence[dict]], path: str | None = None) -> Figure:

@@ -1,0 +1,240 @@
+"""Tests of the CIFAR-10 improvements: discretized logistic likelihood, resize-convolution decoder, KL warm-up,
+and the helpers of the ELBO-versus-MMD comparison and of the checkerboard figure. Tiny models, seeded, fast."""
+
+import math
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+import vae_utils as vu  # noqa: E402
+
+LEVELS = np.arange(256, dtype=np.float32) / 255.0  # the 256 pixel values, scaled to [0, 1]
+
+
+def logistic_cdf(t):
+    return 1.0 / (1.0 + np.exp(-t))
+
+
+def log_logistic_cdf(t):
+    """log(1 / (1 + exp(-t))) without cancellation; log(1 - cdf(t)) is log_logistic_cdf(-t)."""
+    return -np.logaddexp(0.0, -t)
+
+
+def level_log_probs(loc, log_scale):
+    """log P(pixel = k) for k = 0..255 from `discretized_logistic_log_prob`, as float64 NumPy."""
+    x = tf.constant(LEVELS)
+    return vu.discretized_logistic_log_prob(x, tf.fill([256], loc), tf.fill([256], log_scale)).numpy().astype(float)
+
+
+# --- discretized logistic likelihood ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("loc, log_scale", [(0.0, -2.0), (0.3, -4.0), (-0.9, -1.0), (0.99, -6.5), (-0.5, 0.5),
+                                            (1.0, -7.0), (0.0, -7.0)])
+def test_discretized_logistic_levels_sum_to_one(loc, log_scale):
+    probabilities = np.exp(level_log_probs(loc, log_scale))
+    assert np.all(probabilities >= 0.0)
+    assert probabilities.sum() == pytest.approx(1.0, abs=2e-3)
+
+
+@pytest.mark.parametrize("loc, log_scale", [(0.0, -2.0), (-0.8, -3.0), (0.95, -1.5)])
+def test_discretized_logistic_edges_and_middle_match_closed_form(loc, log_scale):
+    scale = math.exp(log_scale)
+    log_probs = level_log_probs(loc, log_scale)
+    # Pixel 0 takes all mass below the first bin's upper edge, pixel 255 all mass above the last bin's lower edge.
+    expected_0 = log_logistic_cdf((-1.0 + 1.0 / 255.0 - loc) / scale)
+    expected_255 = log_logistic_cdf(-(1.0 - 1.0 / 255.0 - loc) / scale)
+    assert log_probs[0] == pytest.approx(expected_0, abs=1e-4)
+    assert log_probs[255] == pytest.approx(expected_255, abs=1e-4)
+    k = 100  # an interior bin: CDF difference over [x - 1/255, x + 1/255] on the [-1, 1] scale
+    centre = 2.0 * k / 255.0 - 1.0
+    expected_k = math.log(logistic_cdf((centre + 1 / 255 - loc) / scale) - logistic_cdf((centre - 1 / 255 - loc) / scale))
+    assert log_probs[k] == pytest.approx(expected_k, rel=1e-3)
+
+
+def test_discretized_logistic_sharp_distribution_puts_mass_on_its_bin():
+    log_probs = level_log_probs(2.0 * 77 / 255.0 - 1.0, -7.0)  # scale far below the bin width, centred on level 77
+    assert int(np.argmax(log_probs)) == 77
+    assert math.exp(log_probs[77]) > 0.95  # sigmoid(4.3) - sigmoid(-4.3): the floor e^-7 on the scale caps it
+    assert np.all(np.isfinite(log_probs))
+
+
+def test_logistic_reconstruction_is_summed_over_pixels_and_channels():
+    vu.set_seed(0)
+    model = vu.CVAE(vu.VAEConfig(img_size=8, channels=3, latent_dim=2, num_convolutions=1, filters=4,
+                                 likelihood="logistic"))
+    x = tf.constant(np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3)) / 255.0, tf.float32)
+    output = model.decode(tf.zeros((2, 2)))
+    assert output.shape == (2, 8, 8, 6)  # location and log-scale per channel
+    per_example = vu.reconstruction_log_prob(model, x, output).numpy()
+    logits, raw = tf.split(output, 2, axis=-1)
+    per_pixel = vu.discretized_logistic_log_prob(x, 2.0 * tf.sigmoid(logits) - 1.0, tf.maximum(raw, -7.0)).numpy()
+    np.testing.assert_allclose(per_example, per_pixel.sum(axis=(1, 2, 3)), rtol=1e-5)
+    assert np.all(per_example < 0.0)
+
+
+def test_logistic_gradients_are_finite_at_the_edges():
+    x = tf.constant([0.0, 1.0, 0.5, 3 / 255], tf.float32)
+    loc = tf.Variable([0.9, -0.9, 0.0, -1.0])
+    log_scale = tf.Variable([-7.0, -7.0, -7.0, 1.0])
+    with tf.GradientTape() as tape:
+        total = tf.reduce_sum(vu.discretized_logistic_log_prob(x, loc, log_scale))
+    for gradient in tape.gradient(total, [loc, log_scale]):
+        assert np.all(np.isfinite(gradient.numpy()))
+
+
+# --- resize-convolution decoder --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("img_size, channels, num_convolutions, likelihood, outputs", [
+    (28, 1, 2, "bernoulli", 1), (32, 3, 3, "bernoulli", 3), (32, 3, 2, "logistic", 6), (28, 1, 2, "logistic", 2)])
+def test_resize_decoder_output_shapes(img_size, channels, num_convolutions, likelihood, outputs):
+    vu.set_seed(0)
+    config = vu.VAEConfig(img_size=img_size, channels=channels, latent_dim=3, num_convolutions=num_convolutions,
+                          filters=4, upsampling="resize", likelihood=likelihood)
+    model = vu.CVAE(config)
+    assert model.decode(tf.zeros((2, 3))).shape == (2, img_size, img_size, outputs)
+    assert model.sample(num_samples=2).shape == (2, img_size, img_size, channels)
+    x = tf.random.uniform((2, img_size, img_size, channels), seed=1)
+    assert model(x).shape == (2, img_size, img_size, outputs)
+    layer_types = [type(layer).__name__ for layer in model.decoder.layers]
+    assert layer_types.count("UpSampling2D") == num_convolutions
+    assert not any(type(layer).__name__ == "Conv2DTranspose" and layer.strides != (1, 1)
+                   for layer in model.decoder.layers)
+
+
+def test_transpose_decoder_has_strided_transposed_convolutions():
+    model = vu.CVAE(vu.VAEConfig(img_size=32, channels=3, num_convolutions=3, filters=4))
+    strided = [layer for layer in model.decoder.layers if type(layer).__name__ == "Conv2DTranspose"
+               and layer.strides == (2, 2)]
+    assert len(strided) == 3
+    assert model.decode(tf.zeros((1, 2))).shape == (1, 32, 32, 3)
+
+
+# --- KL warm-up ------------------------------------------------------------------------------------------------------
+
+def test_kl_warmup_schedule_values():
+    warmup = vu.KLWarmup(3)
+    assert [warmup.weight(epoch) for epoch in range(1, 7)] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 1.0])
+    assert float(warmup.kl_weight.numpy()) == pytest.approx(0.25)  # the first epoch's weight before training
+    warmup.start_epoch(2)
+    assert float(warmup.kl_weight.numpy()) == pytest.approx(0.5)
+    assert vu.KLWarmup(0).weight(1) == 1.0  # no warm-up: the plain ELBO from the first epoch
+    for bad in (-1, 1.5, True, "2"):
+        with pytest.raises(ValueError):
+            vu.KLWarmup(bad)
+
+
+def test_kl_warmup_loss_interpolates_between_reconstruction_and_elbo():
+    vu.set_seed(0)
+    model = vu.CVAE(vu.VAEConfig(img_size=8, latent_dim=2, num_convolutions=1, filters=4))
+    x = tf.random.uniform((4, 8, 8, 1), seed=2)
+    warmup = vu.KLWarmup(1)
+    losses = {}
+    for weight in (0.0, 0.5, 1.0):
+        warmup.kl_weight.assign(weight)
+        tf.random.set_seed(5)  # the same reparameterization noise for every weight
+        losses[weight] = float(warmup(model, x))
+    tf.random.set_seed(5)
+    assert losses[1.0] == pytest.approx(float(vu.compute_loss(model, x)), rel=1e-5)
+    assert losses[0.5] == pytest.approx(0.5 * (losses[0.0] + losses[1.0]), rel=1e-5)
+
+
+class _WeightAsLoss(vu.KLWarmup):
+    """A warm-up whose loss is its current KL weight (plus a zero that touches every weight, for gradients)."""
+
+    def __call__(self, model, x):
+        return self.kl_weight + 0.0 * tf.add_n([tf.reduce_sum(v) for v in model.trainable_variables])
+
+
+def test_main_train_loop_applies_the_warmup_weight_each_epoch():
+    vu.set_seed(0)
+    model = vu.CVAE(vu.VAEConfig(img_size=8, latent_dim=2, num_convolutions=1, filters=4))
+    images = np.random.default_rng(0).random((16, 8, 8, 1)).astype(np.float32)
+    loss_fn = _WeightAsLoss(2)
+    seen = []
+    history = vu.main_train_loop(model, images, images, epochs=4, batch_size=8, loss_fn=loss_fn, verbose=False,
+                                 on_epoch_end=lambda epoch, m, row: seen.append(float(loss_fn.kl_weight.numpy())))
+    expected = [1 / 3, 2 / 3, 1.0, 1.0]
+    assert seen == pytest.approx(expected)
+    # The traced training step read the variable's current value, not the one it was traced with.
+    assert [row["train_loss"] for row in history] == pytest.approx(expected, rel=1e-6)
+
+
+# --- ELBO versus MMD: aggregate code distribution ----------------------------------------------------------------------
+
+def test_mmd_to_prior_matches_compute_mmd_and_separates_distributions():
+    rng = np.random.default_rng(0)
+    codes = rng.normal(size=(200, 4)).astype(np.float32)
+    prior = np.random.default_rng(7).standard_normal((200, 4))
+    expected = float(vu.compute_mmd(tf.constant(codes, tf.float64), tf.constant(prior, tf.float64)))
+    assert vu.mmd_to_prior(codes, seed=7) == pytest.approx(expected, rel=1e-6)
+    shifted = vu.mmd_to_prior(codes + 2.0, seed=1)
+    matched = vu.mmd_to_prior(codes, seed=1)
+    assert shifted > 10 * matched
+    with pytest.raises(ValueError):
+        vu.mmd_to_prior(np.zeros(5))
+
+
+def test_latent_distribution_summary_moments():
+    codes = np.random.default_rng(0).normal(loc=[0.0, 3.0], scale=[1.0, 0.1], size=(5000, 2))
+    summary = vu.latent_distribution_summary(codes)
+    np.testing.assert_allclose(summary["per_dim_mean"], [0.0, 3.0], atol=0.05)
+    np.testing.assert_allclose(summary["per_dim_variance"], [1.0, 0.01], rtol=0.06)
+    assert summary["mean_abs_mean"] == pytest.approx(1.5, abs=0.05)
+    expected_kl = 0.5 * (0.01 + 9.0 - 1.0 - math.log(0.01))  # the second dimension; the first matches the prior
+    assert summary["moment_kl_nats"] == pytest.approx(expected_kl, rel=0.02)
+    assert summary["mmd_to_prior"] > 0.1
+    standard = vu.latent_distribution_summary(np.random.default_rng(1).standard_normal((2000, 2)))
+    assert standard["mmd_to_prior"] < 0.01 and standard["moment_kl_nats"] < 0.01
+
+
+def test_aggregate_posterior_samples_shape_and_seed():
+    vu.set_seed(0)
+    model = vu.CVAE(vu.VAEConfig(img_size=8, latent_dim=3, num_convolutions=1, filters=4))
+    images = np.random.default_rng(0).random((10, 8, 8, 1)).astype(np.float32)
+    first = vu.aggregate_posterior_samples(model, images, batch_size=4, seed=3)
+    assert first.shape == (10, 3)
+    np.testing.assert_array_equal(first, vu.aggregate_posterior_samples(model, images, batch_size=4, seed=3))
+    assert not np.allclose(first, vu.encode_means(model, images))  # sampled, not the means
+
+
+# --- checkerboard measure and crop figure ------------------------------------------------------------------------------
+
+def test_checkerboard_energy_detects_a_period_two_pattern():
+    rows, cols = np.meshgrid(np.arange(16), np.arange(16), indexing="ij")
+    smooth = (0.5 + 0.3 * np.sin(2 * np.pi * rows / 16) * np.cos(2 * np.pi * cols / 16))[None, ..., None]
+    checker = smooth + 0.05 * (-1.0) ** (rows + cols)[None, ..., None]
+    assert vu.checkerboard_energy(smooth) < 1e-6
+    assert vu.checkerboard_energy(checker) > 0.05
+    with pytest.raises(ValueError):
+        vu.checkerboard_energy(np.zeros((1, 15, 16, 1)))
+
+
+def test_plot_reconstruction_crops_returns_figure(tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.random((3, 32, 32, 3)).astype(np.float32)
+    figure = vu.plot_reconstruction_crops(images, {"transposed": images * 0.9, "resize": images * 0.8},
+                                          indices=(0, 2), box=(4, 6, 10), path=str(tmp_path / "crops.png"))
+    assert isinstance(figure, Figure)
+    assert len(figure.axes) == 2 * 4  # per row: full image, original crop, two models
+    assert figure.axes[1].images[0].get_array().shape[:2] == (10, 10)
+    assert (tmp_path / "crops.png").exists()
+    with pytest.raises(ValueError):
+        vu.plot_reconstruction_crops(images, {"a": images}, box=(30, 0, 8))
+    with pytest.raises(ValueError):
+        vu.plot_reconstruction_crops(images, {"a": images[:2]})
+
+
+def test_plot_latent_moments_returns_figure():
+    rng = np.random.default_rng(0)
+    summaries = {"ELBO": vu.latent_distribution_summary(rng.normal(size=(300, 4))),
+                 "MMD": vu.latent_distribution_summary(rng.normal(scale=0.5, size=(300, 4)))}
+    figure = vu.plot_latent_moments(summaries)
+    assert isinstance(figure, Figure)
+    assert len(figure.axes[1].lines) == 3  # two models and the prior's variance

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import platform
+import re
 import sys
 import time
 import zipfile
@@ -63,7 +64,9 @@ def _validate_arrays(name: str, arrays: Mapping[str, np.ndarray], source: str) -
         if x.dtype != np.uint8 or x.ndim != 1 + len(spec.image_shape) or x.shape[1:] != spec.image_shape:
             raise DatasetError(f"{source}: x_{split} has shape {x.shape} and dtype {x.dtype}; "
                                f"{name} needs uint8 images of shape (N, {', '.join(map(str, spec.image_shape))})")
-        if len(x) == 0 or y.shape[0] != len(x) or y.ndim != spec.label_ndim or not np.issubdtype(y.dtype, np.integer):
+        if len(x) == 0:
+            raise DatasetError(f"{source}: x_{split} is empty (shape {x.shape}); {name} needs at least one image")
+        if y.shape[0:1] != (len(x),) or y.ndim != spec.label_ndim or not np.issubdtype(y.dtype, np.integer):
             raise DatasetError(f"{source}: y_{split} has shape {y.shape} and dtype {y.dtype} for {len(x)} images; "
                                f"{name} needs {spec.label_ndim}-d integer labels, one per image")
         if y.min() < 0 or y.max() >= len(spec.class_names):
@@ -227,8 +230,9 @@ class CVAE(tf.keras.Model):
     """Convolutional VAE: strided Conv2D encoder to (mean, log-variance), Dense + transposed-conv decoder to logits."""
 
     def __init__(self, config: VAEConfig | None = None, **overrides):
+        config = dataclasses.replace(config or VAEConfig(), **overrides)  # validates before any layer is built
         super().__init__()
-        self.config = dataclasses.replace(config or VAEConfig(), **overrides)
+        self.config = config
         c = self.config
         widths = [c.filters * 2 ** i for i in range(c.num_convolutions)]
         self.encoder = tf.keras.Sequential(
@@ -467,7 +471,9 @@ def _data_fingerprint(images: np.ndarray) -> str:
 def _run_signature(model: CVAE, train_images: np.ndarray, loss_fn: Callable, batch_size: int,
                    learning_rate: float) -> dict:
     return {"config": dataclasses.asdict(model.config), "train_data": _data_fingerprint(train_images),
-            "loss": getattr(loss_fn, "__name__", repr(loss_fn)), "batch_size": batch_size,
+            # A memory address in a repr (e.g. of a functools.partial) differs between processes: leave it out.
+            "loss": getattr(loss_fn, "__name__", None) or re.sub(r" at 0x[0-9a-fA-F]+", "", repr(loss_fn)),
+            "batch_size": batch_size,
             "learning_rate": learning_rate}
 
 
@@ -926,6 +932,9 @@ def walk_src_to_dst(model: CVAE, src_class, dst_class, class_means: np.ndarray, 
         raise ValueError(f"steps={steps!r} must be an integer >= 2 (the source and the destination)")
     src = _class_index(src_class, class_names, "src_class")
     dst = _class_index(dst_class, class_names, "dst_class")
+    if np.ndim(class_means) != 2 or len(class_means) != len(class_names):
+        raise ValueError(f"class_means has shape {np.shape(class_means)}; walk_src_to_dst needs one mean code per "
+                         f"class name ({len(class_names)} rows), as get_allClass_encodings returns for all classes")
     codes = np.linspace(class_means[src], class_means[dst], steps).astype(np.float32)
     images = model.decode(codes, apply_sigmoid=True).numpy()  # one batched call for the whole walk
     titles = [class_names[src]] + [f"{t:.2f}" for t in np.linspace(0, 1, steps)[1:-1]] + [class_names[dst]]

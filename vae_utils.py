@@ -594,8 +594,11 @@ def main_train_loop(model: CVAE, train_images: np.ndarray, test_images: np.ndarr
                     batch_size: int = 128, learning_rate: float = 1e-3, loss_fn: Callable = compute_loss,
                     strategy: tf.distribute.Strategy | None = None, checkpoint_dir: str | None = None,
                     on_epoch_end: Callable | None = None, seed: int = 0, steps_per_execution: int = 1,
-                    eval_batch_size: int = 1000, verbose: bool = True) -> list[dict]:
+                    eval_batch_size: int = 1000, lr_schedule: str = "constant",
+                    verbose: bool = True) -> list[dict]:
     """Train `model` with Adam for `epochs` epochs and return the per-epoch history.
+
+    `lr_schedule="cosine"` decays the learning rate along a cosine to 5% of `learning_rate` at the last epoch.
 
     Each epoch shows a progress bar that ends in one line: epoch, seconds, mean training loss, test-set ELBO.
     With `checkpoint_dir`, model, optimizer and epoch are saved after every epoch and a new call resumes after the
@@ -607,6 +610,8 @@ def main_train_loop(model: CVAE, train_images: np.ndarray, test_images: np.ndarr
         raise ValueError(f"steps_per_execution={steps_per_execution!r} must be an integer >= 1")
     if not learning_rate > 0:
         raise ValueError(f"learning_rate={learning_rate!r} must be positive")
+    if lr_schedule not in ("constant", "cosine"):
+        raise ValueError(f"lr_schedule={lr_schedule!r} must be 'constant' or 'cosine'")
     train_images = check_images(train_images, model.config, "train_images")
     test_images = check_images(test_images, model.config, "test_images")
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
@@ -621,17 +626,21 @@ def main_train_loop(model: CVAE, train_images: np.ndarray, test_images: np.ndarr
         raise ValueError(f"the model was not built under {type(strategy).__name__}.scope(); "
                          f"create it inside `with strategy.scope():`")
 
+    steps_per_epoch = len(train_images) // batch_size  # drop_remainder: static shapes for TPUs, equal replica shares
     with strategy.scope():
-        optimizer = tf.keras.optimizers.Adam(learning_rate)
+        # The schedule is a function of the optimizer's step count, which the checkpoint restores.
+        rate = learning_rate if lr_schedule == "constant" else tf.keras.optimizers.schedules.CosineDecay(
+            learning_rate, decay_steps=epochs * steps_per_epoch, alpha=0.05)
+        optimizer = tf.keras.optimizers.Adam(rate)
         optimizer.build(model.trainable_variables)
     signature = _run_signature(model, train_images, loss_fn, batch_size, learning_rate)
+    signature["lr_schedule"] = lr_schedule
     state = _TrainingState(checkpoint_dir, model, optimizer, signature)
     start_epoch = int(state.epoch.numpy()) + 1
     if verbose and start_epoch > 1:
         done = "complete" if start_epoch > epochs else f"resuming at epoch {start_epoch}"
         print(f"Checkpoint in {checkpoint_dir}: {start_epoch - 1} epoch(s) done, {done}.")
     train_steps = make_train_function(model, optimizer, loss_fn, strategy)
-    steps_per_epoch = len(train_images) // batch_size  # drop_remainder: static shapes for TPUs, equal replica shares
     width = len(str(epochs))
 
     for epoch in range(start_epoch, epochs + 1):

@@ -710,11 +710,15 @@ def linear_probe_accuracy(train_codes, train_labels, test_codes, test_labels, ma
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
+    from threadpoolctl import threadpool_limits
 
     train_labels, test_labels = np.ravel(train_labels), np.ravel(test_labels)
     chosen = np.random.default_rng(seed).permutation(len(train_codes))[:max_train]
     probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
-    probe.fit(train_codes[chosen], train_labels[chosen])
+    # One BLAS thread: these small products gain nothing from two, and threads that spin while TensorFlow's own
+    # threads hold the cores made the fit 20 times slower here.
+    with threadpool_limits(limits=1, user_api="blas"):
+        probe.fit(train_codes[chosen], train_labels[chosen])
     return float(probe.score(test_codes, test_labels))
 
 

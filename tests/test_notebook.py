@@ -1,0 +1,55 @@
+"""The notebook: a QUICK run executes top to bottom, and the committed copy is a complete, full (non-QUICK) run."""
+
+import json
+import os
+import pathlib
+
+import nbformat
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+NOTEBOOK = ROOT / "hw3_vae.ipynb"
+RESULT_KEYS = {"name", "dataset", "loss", "epochs", "wall_time_s", "test_elbo", "test_elbo_analytic", "iwae_nll_nats",
+               "bits_per_dim", "psnr_db", "active_units", "probe_accuracy"}
+
+
+def _data_dir():
+    directory = os.environ.get("VAE_DATA_DIR") or str(ROOT.parent / "shared" / "data")
+    if not all(os.path.isfile(os.path.join(directory, f"{name}.npz")) for name in ("mnist", "cifar10")):
+        pytest.skip("the MNIST and CIFAR-10 .npz files are not available (set VAE_DATA_DIR)")
+    return directory
+
+
+def test_notebook_runs_top_to_bottom_in_quick_mode(tmp_path):
+    papermill = pytest.importorskip("papermill")
+    output = tmp_path / "executed.ipynb"
+    papermill.execute_notebook(
+        str(NOTEBOOK), str(output), cwd=str(ROOT), kernel_name="python3", progress_bar=False,
+        parameters={"QUICK": True, "DATA_DIR": _data_dir(), "FIGURES_DIR": str(tmp_path / "figures"),
+                    "CHECKPOINT_DIR": str(tmp_path / "checkpoints")},
+        coalesce_streams=True)
+    executed = nbformat.read(output, as_version=4)
+    errors = [o for c in executed.cells if c.cell_type == "code" for o in c.get("outputs", [])
+              if o.output_type == "error"]
+    assert not errors
+    summary = json.loads((tmp_path / "figures" / "results.json").read_text())
+    assert summary["quick"] is True
+    assert all(RESULT_KEYS <= set(model) for model in summary["models"])
+    assert (tmp_path / "figures" / "q1_1_mnist_one_per_class.png").is_file()
+
+
+def test_committed_notebook_is_a_complete_full_run():
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    code_cells = [c for c in notebook.cells if c.cell_type == "code" and c.source.strip()]
+    assert code_cells, "the notebook has no code"
+    assert all(c.execution_count is not None for c in code_cells), "some code cells were not executed"
+    counts = [c.execution_count for c in code_cells]
+    assert counts == sorted(counts), "cells were not executed top to bottom"
+    assert not [o for c in code_cells for o in c.get("outputs", []) if o.output_type == "error"]
+    parameter_sources = "\n".join(c.source for c in code_cells
+                                  if {"parameters", "injected-parameters"} & set(c.metadata.get("tags", [])))
+    assert "QUICK = False" in parameter_sources and "QUICK = True" not in parameter_sources
+    summary = json.loads((ROOT / "figures" / "results.json").read_text())
+    assert summary["quick"] is False
+    assert all(RESULT_KEYS <= set(model) for model in summary["models"])
+    assert {"total_wall_time_s", "machine"} <= set(summary)

@@ -79,6 +79,9 @@ def test_interrupted_run_resumes_at_epoch_2_and_finished_run_does_not_retrain(da
                                       loss_fn=EpochMarkers(model, markers), verbose=False)
     weights_after_epoch_1 = model.get_weights()
     assert [row["epoch"] for row in first] == [1]
+    # A kill between writing history.json and the checkpoint of epoch 2 leaves a row the checkpoint lacks.
+    with open(os.path.join(checkpoint_dir, "history.json"), "w") as handle:
+        json.dump(first + [{"epoch": 2, "train_loss": -1.0}], handle)
 
     # "Interrupted after epoch 1": a new process would build a new model; its weights differ until restored.
     model = fresh_model(5)
@@ -90,7 +93,7 @@ def test_interrupted_run_resumes_at_epoch_2_and_finished_run_does_not_retrain(da
     assert "1 epoch(s) done, resuming at epoch 2" in capsys.readouterr().out
     assert trained == [2, 3]
     assert [row["epoch"] for row in history] == [1, 2, 3]
-    assert history[0] == first[0]
+    assert history[0] == first[0] and history[1]["train_loss"] > 0  # the orphan row was dropped, epoch 2 re-ran
     restored = np.load(os.path.join(markers, f"start_2_{os.getpid()}.npz"))
     for index, saved in enumerate(weights_after_epoch_1):
         np.testing.assert_array_equal(restored[f"w{index}"], saved)

@@ -15,6 +15,7 @@ import platform
 import re
 import sys
 import time
+import weakref
 import zipfile
 from typing import Callable, Mapping, Sequence
 
@@ -482,6 +483,11 @@ def _run_signature(model: CVAE, train_images: np.ndarray, loss_fn: Callable, bat
             "learning_rate": learning_rate}
 
 
+def _read_json(path: str):
+    with open(path) as handle:
+        return json.load(handle)
+
+
 def _write_json_atomically(path: str, payload) -> None:
     temporary = f"{path}.tmp"
     with open(temporary, "w") as handle:
@@ -504,7 +510,7 @@ class _TrainingState:
         self.manager = tf.train.CheckpointManager(checkpoint, checkpoint_dir, max_to_keep=2)
         signature_path = os.path.join(checkpoint_dir, "run.json")
         if self.manager.latest_checkpoint:
-            saved = json.load(open(signature_path)) if os.path.exists(signature_path) else {}
+            saved = _read_json(signature_path) if os.path.exists(signature_path) else {}
             differences = [f"{key}: checkpoint has {saved.get(key)!r}, this run has {value!r}"
                            for key, value in signature.items() if saved.get(key) != value]
             if differences:
@@ -513,7 +519,7 @@ class _TrainingState:
             checkpoint.restore(self.manager.latest_checkpoint).assert_existing_objects_matched()
             if os.path.exists(self.history_path):
                 # The history is written before the checkpoint, so it may hold one epoch the checkpoint lacks.
-                self.history = json.load(open(self.history_path))[: int(self.epoch.numpy())]
+                self.history = _read_json(self.history_path)[: int(self.epoch.numpy())]
         else:
             _write_json_atomically(signature_path, signature)
 
@@ -553,23 +559,29 @@ def make_train_function(model: CVAE, optimizer, loss_fn: Callable, strategy: tf.
     return train_steps
 
 
-@functools.lru_cache(maxsize=None)
-def _batched_metric(name: str) -> Callable:
-    metrics = {
-        "elbo": lambda model, x: elbo_per_example(model, x),
-        "elbo_analytic": lambda model, x: elbo_per_example(model, x, analytic_kl=True),
-    }
-    return tf.function(metrics[name])
+_COMPILED: "weakref.WeakKeyDictionary[CVAE, dict]" = weakref.WeakKeyDictionary()
+
+
+def map_batches(model: CVAE, function: Callable, images: np.ndarray, batch_size: int = 1000,
+                key=None) -> np.ndarray:
+    """Apply `function(model, x)` to `images` in batches and concatenate the per-example results.
+
+    The compiled `tf.function` is kept per model under `key` (default: the function itself), so evaluating the same
+    model every epoch traces once.
+    """
+    images = check_images(images, model.config)
+    compiled = _COMPILED.setdefault(model, {})
+    key = function if key is None else key
+    if key not in compiled:
+        compiled[key] = tf.function(functools.partial(function, model), reduce_retracing=True)
+    outputs = [compiled[key](batch).numpy() for batch in make_dataset(images, min(batch_size, len(images)))]
+    return np.concatenate(outputs)
 
 
 def evaluate_elbo(model: CVAE, images: np.ndarray, batch_size: int = 1000, analytic_kl: bool = False) -> float:
     """Mean single-sample ELBO over `images` in nats (KL by Monte Carlo, or in closed form when `analytic_kl`)."""
-    images = check_images(images, model.config)
-    function = _batched_metric("elbo_analytic" if analytic_kl else "elbo")
-    total = 0.0
-    for batch in make_dataset(images, min(batch_size, len(images))):
-        total += float(tf.reduce_sum(function(model, batch)))
-    return total / len(images)
+    return float(np.mean(map_batches(model, functools.partial(elbo_per_example, analytic_kl=analytic_kl), images,
+                                     batch_size, key=("elbo", analytic_kl))))
 
 
 class _ProgressBar:
@@ -663,8 +675,9 @@ def main_train_loop(model: CVAE, train_images: np.ndarray, test_images: np.ndarr
             bad = np.flatnonzero(~np.isfinite(losses))
             if bad.size:
                 raise NonFiniteLossError(f"loss became {losses[bad[0]]} at epoch {epoch}, step {done + bad[0] + 1} "
-                                         f"of {steps_per_epoch}; training stopped (last checkpoint: epoch "
-                                         f"{epoch - 1}). Lower the learning rate or check the inputs.")
+                                         f"of {steps_per_epoch}; training stopped"
+                                         + (f" (last checkpoint: epoch {epoch - 1})" if checkpoint_dir else "")
+                                         + ". Lower the learning rate or check the inputs.")
             loss_sum += float(losses.sum())
             done += num_steps
             progress.update(done, loss_sum / done)
@@ -686,16 +699,13 @@ def main_train_loop(model: CVAE, train_images: np.ndarray, test_images: np.ndarr
 
 def encode_means(model: CVAE, images: np.ndarray, batch_size: int = 1000) -> np.ndarray:
     """Latent means E_q[z|x] of all `images`, shape (N, latent_dim)."""
-    images = check_images(images, model.config)
-    encode = tf.function(lambda x: model.encode(x)[0])
-    return np.concatenate([encode(batch).numpy() for batch in make_dataset(images, min(batch_size, len(images)))])
+    return map_batches(model, lambda m, x: m.encode(x)[0], images, batch_size, key="mean")
 
 
 def reconstruct(model: CVAE, images: np.ndarray, batch_size: int = 1000) -> np.ndarray:
     """Mean images decoded from the latent means of `images` (no sampling), in [0, 1]."""
-    images = check_images(images, model.config)
-    run = tf.function(lambda x: model.decode(model.encode(x)[0], apply_sigmoid=True))
-    return np.concatenate([run(batch).numpy() for batch in make_dataset(images, min(batch_size, len(images)))])
+    return map_batches(model, lambda m, x: m.decode(m.encode(x)[0], apply_sigmoid=True), images, batch_size,
+                       key="reconstruction")
 
 
 def psnr(images: np.ndarray, reconstructions: np.ndarray) -> float:
@@ -729,10 +739,9 @@ def linear_probe_accuracy(train_codes, train_labels, test_codes, test_labels, ma
 
 def iwae_nll(model: CVAE, images: np.ndarray, num_samples: int = 64, batch_size: int = 50) -> float:
     """Mean negative importance-weighted bound -log p(x) over `images`, in nats."""
-    images = check_images(images, model.config)
-    bound = tf.function(lambda x: iwae_log_likelihood(model, x, num_samples))
-    total = sum(float(tf.reduce_sum(bound(batch))) for batch in make_dataset(images, min(batch_size, len(images))))
-    return -total / len(images)
+    bounds = map_batches(model, functools.partial(iwae_log_likelihood, num_samples=num_samples), images, batch_size,
+                         key=("iwae", num_samples))
+    return -float(np.mean(bounds))
 
 
 def bits_per_dim(nll_nats: float, dims: int) -> float:
@@ -891,6 +900,9 @@ def plot_image_grid(images, ncols: int = 10, titles: Sequence[str] | None = None
 def plot_one_image_per_class(images, labels, class_names: Sequence[str], path: str | None = None) -> Figure:
     """Show the first image of every class, titled with its class name."""
     labels = np.ravel(labels)
+    missing = [name for c, name in enumerate(class_names) if not np.any(labels == c)]
+    if missing:
+        raise ValueError(f"labels hold no image of the classes {missing}")
     firsts = [int(np.flatnonzero(labels == c)[0]) for c in range(len(class_names))]
     return plot_image_grid(np.asarray(images)[firsts], ncols=len(class_names), titles=list(class_names),
                            cell=1.2, path=path)

@@ -1,7 +1,8 @@
 """Training speed: the TensorFlow CVAE tutorial's loop against this project's training path, same architecture.
 
-    python benchmarks/benchmark.py           # real MNIST (VAE_DATA_DIR or --data-dir); about 15 min on 2 idle CPU cores
+    python benchmarks/benchmark.py           # real MNIST (VAE_DATA_DIR or --data-dir); ~10 min on a quiet 2-core CPU
     python benchmarks/benchmark.py --quick   # synthetic data, well under a minute: checks that everything runs (CI)
+    python benchmarks/benchmark.py --tutorial-history benchmarks/tutorial_history.json   # reuse the tutorial's run
 
 It measures, in one process:
   1. training throughput (images/s) of the tutorial's loop and of the project's path, alternating in short chunks,
@@ -372,10 +373,6 @@ def parse_args(argv=None):
     return args
 
 
-def _median(values):
-    return statistics.median(values)
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     started = time.perf_counter()
@@ -403,13 +400,14 @@ def main(argv=None) -> dict:
                                        args.seed))
     peak = MatmulPeak(256 if args.quick else 2048)
     samples = measure_alternating(trainers, peak, args.chunk_images, args.rounds, 1 if args.quick else 8)
-    median = {name: {kind: _median(values) for kind, values in by_kind.items()} for name, by_kind in samples.items()}
+    median = {name: {kind: statistics.median(values) for kind, values in by_kind.items()}
+              for name, by_kind in samples.items()}
     tutorial, project = trainers[0], trainers[-1]
     flops = training_flops_per_image(project.model)
     peak_gflops = median[peak.name]["wall"]
 
     def paired_ratio(name, kind):  # per round, so that a busy moment slows both sides of a ratio alike
-        return _median([p / t for p, t in zip(samples[name][kind], samples[tutorial.name][kind])])
+        return statistics.median([p / t for p, t in zip(samples[name][kind], samples[tutorial.name][kind])])
 
     lines = [f"1. Training throughput: {args.rounds} alternating rounds of {args.chunk_images} images per path, "
              f"medians (ratios: median of the per-round ratios)", "",
@@ -422,10 +420,11 @@ def main(argv=None) -> dict:
                      f"{m['cpu']:,.0f} | {paired_ratio(trainer.name, 'cpu'):.2f} | {gflops:.1f} | "
                      f"{gflops / peak_gflops:.2f} |")
     lines.append(f"| {peak.name} {peak.size}x{peak.size}, the peak | | | | | {peak_gflops:.1f} | 1.00 |")
+    cpu_gflop = median[project.name]["cpu"] * flops / 1e9
     lines.append(f"\nTraining step: {flops / 1e6:.1f} MFLOP per image (forward, weight and input gradients of the "
                  f"convolutions and dense layers, counted from their shapes); per CPU-second the project reaches "
-                 f"{median[project.name]['cpu'] * flops / 1e9:.1f} GFLOP against the matmul's "
-                 f"{median[peak.name]['cpu']:.1f} ({median[project.name]['cpu'] * flops / 1e9 / median[peak.name]['cpu']:.2f}).")
+                 f"{cpu_gflop:.1f} GFLOP against the matmul's {median[peak.name]['cpu']:.1f} "
+                 f"({cpu_gflop / median[peak.name]['cpu']:.2f}).")
     print("\n".join(lines), flush=True)
 
     # 3. Where the time goes: each layer forward + backward at the project's batch size.

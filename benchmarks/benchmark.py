@@ -134,7 +134,10 @@ class TutorialTrainer:
 
 
 class ProjectTrainer:
-    """The project's path: `vae_utils.make_train_function` fed by `make_dataset` through the strategy's iterator."""
+    """The project's path: `vae_utils.make_train_function` fed by `make_dataset` through the strategy's iterator.
+
+    Same layers and parameter count as the tutorial; the project's encoder also bounds the log-variance with a tanh.
+    """
 
     def __init__(self, train_images, batch_size, learning_rate, steps_per_execution, seed=0):
         vu.set_seed(seed)

@@ -3,9 +3,13 @@
 import json
 import os
 import pathlib
+import sys
 
 import nbformat
 import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "scripts"))
+import run_notebook  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "hw3_vae.ipynb"
@@ -21,13 +25,10 @@ def _data_dir():
 
 
 def test_notebook_runs_top_to_bottom_in_quick_mode(tmp_path):
-    papermill = pytest.importorskip("papermill")
     output = tmp_path / "executed.ipynb"
-    papermill.execute_notebook(
-        str(NOTEBOOK), str(output), cwd=str(ROOT), kernel_name="python3", progress_bar=False,
-        parameters={"QUICK": True, "DATA_DIR": _data_dir(), "FIGURES_DIR": str(tmp_path / "figures"),
-                    "CHECKPOINT_DIR": str(tmp_path / "checkpoints")},
-        coalesce_streams=True)
+    run_notebook.run(NOTEBOOK, output, {"QUICK": True, "DATA_DIR": _data_dir(),
+                                        "FIGURES_DIR": str(tmp_path / "figures"),
+                                        "CHECKPOINT_DIR": str(tmp_path / "checkpoints")})
     executed = nbformat.read(output, as_version=4)
     errors = [o for c in executed.cells if c.cell_type == "code" for o in c.get("outputs", [])
               if o.output_type == "error"]
@@ -36,6 +37,8 @@ def test_notebook_runs_top_to_bottom_in_quick_mode(tmp_path):
     assert summary["quick"] is True
     assert all(RESULT_KEYS <= set(model) for model in summary["models"])
     assert (tmp_path / "figures" / "q1_1_mnist_one_per_class.png").is_file()
+    training_output = "".join(o.get("text", "") for c in executed.cells for o in c.get("outputs", []))
+    assert "\r" not in training_output, "progress-bar redraws were not merged into one line"
 
 
 def test_committed_notebook_is_a_complete_full_run():

@@ -15,7 +15,6 @@ import platform
 import re
 import sys
 import time
-import weakref
 import zipfile
 from typing import Callable, Mapping, Sequence
 
@@ -559,9 +558,6 @@ def make_train_function(model: CVAE, optimizer, loss_fn: Callable, strategy: tf.
     return train_steps
 
 
-_COMPILED: "weakref.WeakKeyDictionary[CVAE, dict]" = weakref.WeakKeyDictionary()
-
-
 def map_batches(model: CVAE, function: Callable, images: np.ndarray, batch_size: int = 1000,
                 key=None) -> np.ndarray:
     """Apply `function(model, x)` to `images` in batches and concatenate the per-example results.
@@ -570,7 +566,10 @@ def map_batches(model: CVAE, function: Callable, images: np.ndarray, batch_size:
     model every epoch traces once.
     """
     images = check_images(images, model.config)
-    compiled = _COMPILED.setdefault(model, {})
+    if "_compiled_evaluations" not in model.__dict__:
+        # A plain attribute, set past Keras's attribute tracking: the functions live and die with their model.
+        object.__setattr__(model, "_compiled_evaluations", {})
+    compiled = model.__dict__["_compiled_evaluations"]
     key = function if key is None else key
     if key not in compiled:
         compiled[key] = tf.function(functools.partial(function, model), reduce_retracing=True)

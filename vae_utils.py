@@ -177,6 +177,11 @@ LIKELIHOODS = {"bernoulli": 1, "logistic": 2}  # decoder outputs per pixel chann
 UPSAMPLINGS = ("transpose", "resize")
 
 
+def _is_int(value) -> bool:
+    """True for Python and NumPy integers, but not for booleans (which Python counts as integers)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
 def decoder_grid_size(img_size: int, num_convolutions: int, strides: int) -> int:
     """Side of the feature map fed to the first transposed convolution: img_size / strides**num_convolutions."""
     downsampling = strides ** num_convolutions
@@ -205,7 +210,7 @@ class VAEConfig:
     def __post_init__(self):
         for field in ("img_size", "channels", "latent_dim", "num_convolutions", "filters", "kernel_size", "strides"):
             value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+            if not _is_int(value) or value <= 0:
                 raise ValueError(f"{field}={value!r} must be a positive integer")
         decoder_grid_size(self.img_size, self.num_convolutions, self.strides)
         if self.encoder_padding not in ("same", "valid"):
@@ -374,7 +379,7 @@ class KLWarmup:
     """
 
     def __init__(self, warmup_epochs: int):
-        if isinstance(warmup_epochs, bool) or not isinstance(warmup_epochs, (int, np.integer)) or warmup_epochs < 0:
+        if not _is_int(warmup_epochs) or warmup_epochs < 0:
             raise ValueError(f"warmup_epochs={warmup_epochs!r} must be an integer >= 0")
         self.warmup_epochs = int(warmup_epochs)
         self.kl_weight = tf.Variable(self.weight(1), trainable=False, dtype=tf.float32, name="kl_weight")
@@ -620,9 +625,9 @@ def main_train_loop(model: CVAE, train_images: np.ndarray, test_images: np.ndarr
     With `checkpoint_dir`, model, optimizer and epoch are saved after every epoch and a new call resumes after the
     last completed one. `on_epoch_end(epoch, model, row)` runs after each epoch (e.g. to show reconstructions).
     """
-    if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 1:
+    if not _is_int(epochs) or epochs < 1:
         raise ValueError(f"epochs={epochs!r} must be an integer >= 1")
-    if not isinstance(steps_per_execution, (int, np.integer)) or steps_per_execution < 1:
+    if not _is_int(steps_per_execution) or steps_per_execution < 1:
         raise ValueError(f"steps_per_execution={steps_per_execution!r} must be an integer >= 1")
     if not learning_rate > 0:
         raise ValueError(f"learning_rate={learning_rate!r} must be positive")
@@ -630,8 +635,7 @@ def main_train_loop(model: CVAE, train_images: np.ndarray, test_images: np.ndarr
         raise ValueError(f"lr_schedule={lr_schedule!r} must be 'constant' or 'cosine'")
     train_images = check_images(train_images, model.config, "train_images")
     test_images = check_images(test_images, model.config, "test_images")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
-            or not 1 <= batch_size <= len(train_images):
+    if not _is_int(batch_size) or not 1 <= batch_size <= len(train_images):
         raise ValueError(f"batch_size={batch_size!r} must be an integer between 1 and the number of training "
                          f"images ({len(train_images)})")
     strategy = strategy or tf.distribute.get_strategy()
@@ -948,7 +952,7 @@ def plot_latent_space(codes_by_class: Mapping[int, np.ndarray], class_names: Seq
 def _class_index(value, class_names: Sequence[str], argument: str) -> int:
     if isinstance(value, str) and value in class_names:
         return list(class_names).index(value)
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and 0 <= value < len(class_names):
+    if _is_int(value) and 0 <= value < len(class_names):
         return int(value)
     raise ValueError(f"{argument}={value!r} is not a class; use an index 0..{len(class_names) - 1} or a name "
                      f"from {list(class_names)}")
@@ -957,7 +961,7 @@ def _class_index(value, class_names: Sequence[str], argument: str) -> int:
 def walk_src_to_dst(model: CVAE, src_class, dst_class, class_means: np.ndarray, class_names: Sequence[str],
                     steps: int = 10, path: str | None = None) -> Figure:
     """Decode `steps` codes evenly spaced (np.linspace) from the mean code of `src_class` to that of `dst_class`."""
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 2:
+    if not _is_int(steps) or steps < 2:
         raise ValueError(f"steps={steps!r} must be an integer >= 2 (the source and the destination)")
     src = _class_index(src_class, class_names, "src_class")
     dst = _class_index(dst_class, class_names, "dst_class")

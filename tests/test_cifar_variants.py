@@ -89,6 +89,64 @@ def test_logistic_gradients_are_finite_at_the_edges():
         assert np.all(np.isfinite(gradient.numpy()))
 
 
+def coupled_output(loc_logits, raw_log_scale, raw_coefficients, batch=1):
+    """A decoder output of `batch` 1x1 RGB images: location logits, raw log-scales, raw coefficients (3 each)."""
+    pixel = np.concatenate([loc_logits, raw_log_scale, raw_coefficients]).astype(np.float32)
+    return tf.constant(np.broadcast_to(pixel, (batch, 1, 1, 9)))
+
+
+COUPLED_CONFIG = vu.VAEConfig(img_size=8, channels=3, latent_dim=2, num_convolutions=1, likelihood="logistic_rgb")
+
+
+@pytest.mark.parametrize("red_level", [0, 90, 255])
+def test_coupled_logistic_sums_to_the_red_probability_over_green_and_blue(red_level):
+    """Summing p(r, g, b) over all 256 x 256 green and blue levels leaves p(r): each conditional is normalized."""
+    model = type("Stub", (), {"config": COUPLED_CONFIG})()
+    loc_logits, raw_log_scale, raw_coefficients = [0.3, -0.5, 0.8], [0.5, 0.0, 1.0], [1.2, -0.7, 0.4]
+    green, blue = np.meshgrid(LEVELS, LEVELS, indexing="ij")
+    x = np.stack([np.full(green.size, red_level / 255.0), green.ravel(), blue.ravel()], -1).reshape(-1, 1, 1, 3)
+    output = coupled_output(loc_logits, raw_log_scale, raw_coefficients, batch=len(x))
+    joint = vu.reconstruction_log_prob(model, tf.constant(x, tf.float32), output).numpy().astype(float)
+    loc_red = 2.0 / (1.0 + math.exp(-loc_logits[0])) - 1.0
+    red = level_log_probs(loc_red, raw_log_scale[0] - vu.LOGISTIC_LOG_SCALE_SHIFT)[red_level]
+    np.testing.assert_allclose(np.logaddexp.reduce(joint), red, atol=1e-3)
+
+
+def test_coupled_logistic_shifts_green_by_red_and_blue_by_red_and_green():
+    model = type("Stub", (), {"config": COUPLED_CONFIG})()
+    loc_logits, raw_log_scale, raw_coefficients = np.array([0.3, -0.5, 0.8]), np.zeros(3), np.array([1.2, -0.7, 0.4])
+    levels = np.array([200, 30, 120])
+    log_prob = vu.reconstruction_log_prob(model, tf.constant(levels.reshape(1, 1, 1, 3) / 255.0, tf.float32),
+                                          coupled_output(loc_logits, raw_log_scale, raw_coefficients)).numpy()[0]
+    loc = 2.0 / (1.0 + np.exp(-loc_logits)) - 1.0
+    a, b, c = np.tanh(raw_coefficients)
+    red, green, _ = 2.0 * levels / 255.0 - 1.0
+    shifted = [loc[0], loc[1] + a * red, loc[2] + b * red + c * green]
+    expected = sum(level_log_probs(float(shifted[k]), -vu.LOGISTIC_LOG_SCALE_SHIFT)[levels[k]] for k in range(3))
+    np.testing.assert_allclose(log_prob, expected, rtol=1e-5)
+
+
+def test_coupled_logistic_mean_image_fills_channels_in_order():
+    loc_logits, raw_coefficients = np.array([0.4, -0.2, 0.1]), np.array([0.9, -0.3, 0.5])
+    loc = 2.0 / (1.0 + np.exp(-loc_logits)) - 1.0
+    a, b, c = np.tanh(raw_coefficients)
+    red = loc[0]
+    green = loc[1] + a * red
+    blue = loc[2] + b * red + c * green
+    image = vu.mean_image(COUPLED_CONFIG, coupled_output(loc_logits, [0.0] * 3, raw_coefficients)).numpy()
+    np.testing.assert_allclose(image.ravel(), (np.clip([red, green, blue], -1, 1) + 1) / 2, atol=1e-6)
+
+
+def test_coupled_logistic_decoder_shapes_and_rgb_only():
+    vu.set_seed(0)
+    model = vu.CVAE(COUPLED_CONFIG, filters=4)
+    assert model.decode(tf.zeros((2, 2))).shape == (2, 8, 8, 9)  # location, log-scale and coefficient per channel
+    sample = model.sample(num_samples=2).numpy()
+    assert sample.shape == (2, 8, 8, 3) and sample.min() >= 0.0 and sample.max() <= 1.0
+    with pytest.raises(ValueError, match="needs channels=3"):
+        vu.VAEConfig(channels=1, likelihood="logistic_rgb")
+
+
 # --- resize-convolution decoder --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("img_size, channels, num_convolutions, likelihood, outputs", [
@@ -202,6 +260,22 @@ def test_aggregate_posterior_samples_shape_and_seed():
     assert first.shape == (10, 3)
     np.testing.assert_array_equal(first, vu.aggregate_posterior_samples(model, images, batch_size=4, seed=3))
     assert not np.allclose(first, vu.encode_means(model, images))  # sampled, not the means
+
+
+def test_compare_code_distributions_summarizes_each_model():
+    images = np.random.default_rng(0).random((10, 8, 8, 1)).astype(np.float32)
+    models = {}
+    for name, seed in (("first", 0), ("second", 1)):
+        vu.set_seed(seed)
+        models[name] = vu.CVAE(vu.VAEConfig(img_size=8, latent_dim=3, num_convolutions=1, filters=4))
+    summaries = vu.compare_code_distributions(models, images, seed=2)
+    assert list(summaries) == ["first", "second"]
+    for name, model in models.items():
+        codes = vu.aggregate_posterior_samples(model, images, seed=2)
+        assert summaries[name]["mmd_to_prior"] == pytest.approx(vu.latent_distribution_summary(codes, seed=2)["mmd_to_prior"])
+        expected_std = float(tf.reduce_mean(tf.exp(0.5 * model.encode(images)[1])))
+        assert summaries[name]["mean_posterior_std"] == pytest.approx(expected_std, rel=1e-5)
+    assert summaries["first"]["mmd_to_prior"] != summaries["second"]["mmd_to_prior"]
 
 
 # --- checkerboard measure and crop figure ------------------------------------------------------------------------------

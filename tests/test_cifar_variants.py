@@ -4,6 +4,7 @@ and the helpers of the ELBO-versus-MMD comparison and of the checkerboard figure
 import math
 import os
 import sys
+import types
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -96,27 +97,26 @@ def coupled_output(loc_logits, raw_log_scale, raw_coefficients, batch=1):
 
 
 COUPLED_CONFIG = vu.VAEConfig(img_size=8, channels=3, latent_dim=2, num_convolutions=1, likelihood="logistic_rgb")
+COUPLED_MODEL = types.SimpleNamespace(config=COUPLED_CONFIG)  # all that reconstruction_log_prob reads of a model
 
 
 @pytest.mark.parametrize("red_level", [0, 90, 255])
 def test_coupled_logistic_sums_to_the_red_probability_over_green_and_blue(red_level):
     """Summing p(r, g, b) over all 256 x 256 green and blue levels leaves p(r): each conditional is normalized."""
-    model = type("Stub", (), {"config": COUPLED_CONFIG})()
     loc_logits, raw_log_scale, raw_coefficients = [0.3, -0.5, 0.8], [0.5, 0.0, 1.0], [1.2, -0.7, 0.4]
     green, blue = np.meshgrid(LEVELS, LEVELS, indexing="ij")
     x = np.stack([np.full(green.size, red_level / 255.0), green.ravel(), blue.ravel()], -1).reshape(-1, 1, 1, 3)
     output = coupled_output(loc_logits, raw_log_scale, raw_coefficients, batch=len(x))
-    joint = vu.reconstruction_log_prob(model, tf.constant(x, tf.float32), output).numpy().astype(float)
+    joint = vu.reconstruction_log_prob(COUPLED_MODEL, tf.constant(x, tf.float32), output).numpy().astype(float)
     loc_red = 2.0 / (1.0 + math.exp(-loc_logits[0])) - 1.0
     red = level_log_probs(loc_red, raw_log_scale[0] - vu.LOGISTIC_LOG_SCALE_SHIFT)[red_level]
     np.testing.assert_allclose(np.logaddexp.reduce(joint), red, atol=1e-3)
 
 
 def test_coupled_logistic_shifts_green_by_red_and_blue_by_red_and_green():
-    model = type("Stub", (), {"config": COUPLED_CONFIG})()
     loc_logits, raw_log_scale, raw_coefficients = np.array([0.3, -0.5, 0.8]), np.zeros(3), np.array([1.2, -0.7, 0.4])
     levels = np.array([200, 30, 120])
-    log_prob = vu.reconstruction_log_prob(model, tf.constant(levels.reshape(1, 1, 1, 3) / 255.0, tf.float32),
+    log_prob = vu.reconstruction_log_prob(COUPLED_MODEL, tf.constant(levels.reshape(1, 1, 1, 3) / 255.0, tf.float32),
                                           coupled_output(loc_logits, raw_log_scale, raw_coefficients)).numpy()[0]
     loc = 2.0 / (1.0 + np.exp(-loc_logits)) - 1.0
     a, b, c = np.tanh(raw_coefficients)

@@ -207,6 +207,7 @@ class VAEConfig:
     encoder_padding: str = "same"
     upsampling: str = "transpose"
     likelihood: str = "bernoulli"
+    spatial_latent: bool = False  # True: the code is a (grid, grid, latent_dim / grid**2) map that convolutions make
     logvar_bound: float = 10.0
 
     def __post_init__(self):
@@ -224,6 +225,14 @@ class VAEConfig:
         if self.likelihood == "logistic_rgb" and self.channels != 3:
             raise ValueError(f"likelihood='logistic_rgb' couples red, green and blue, so it needs channels=3, "
                              f"not {self.channels}")
+        if self.spatial_latent:
+            if self.encoder_padding != "same":
+                raise ValueError("spatial_latent=True must use encoder_padding='same', so that the code grid is the "
+                                 "decoder's grid")
+            cells = self.grid_size ** 2
+            if self.latent_dim % cells:
+                raise ValueError(f"spatial_latent=True needs latent_dim divisible by grid_size**2 = {cells} "
+                                 f"(channels per grid cell), got latent_dim={self.latent_dim}")
         if not self.logvar_bound > 0:
             raise ValueError(f"logvar_bound={self.logvar_bound!r} must be positive")
 
@@ -245,11 +254,24 @@ class CVAE(tf.keras.Model):
         self.config = config
         c = self.config
         widths = [c.filters * 2 ** i for i in range(c.num_convolutions)]
+        g = c.grid_size
+        if c.spatial_latent:
+            # Mean and log-variance maps of latent_dim / g**2 channels each; channel-major flattening puts every mean
+            # before every log-variance, so `encode` splits them as it does a dense code.
+            code_channels = c.latent_dim // (g * g)
+            encoder_head = [tf.keras.layers.Conv2D(2 * code_channels, c.kernel_size, padding="same"),
+                            tf.keras.layers.Permute((3, 1, 2)), tf.keras.layers.Flatten()]
+            decoder_head = [tf.keras.layers.Reshape((code_channels, g, g)), tf.keras.layers.Permute((2, 3, 1)),
+                            tf.keras.layers.Conv2D(c.filters, c.kernel_size, padding="same", activation="relu")]
+        else:
+            encoder_head = [tf.keras.layers.Flatten(), tf.keras.layers.Dense(2 * c.latent_dim)]  # mean and logvar
+            decoder_head = [tf.keras.layers.Dense(g * g * c.filters, activation="relu"),
+                            tf.keras.layers.Reshape((g, g, c.filters))]
         self.encoder = tf.keras.Sequential(
             [tf.keras.Input(shape=(c.img_size, c.img_size, c.channels))]
             + [tf.keras.layers.Conv2D(w, c.kernel_size, strides=c.strides, padding=c.encoder_padding,
                                       activation="relu") for w in widths]
-            + [tf.keras.layers.Flatten(), tf.keras.layers.Dense(2 * c.latent_dim)],  # no activation: mean and logvar
+            + encoder_head,  # no activation: mean and log-variance are any real numbers
             name="encoder")
         upsampling_blocks = []
         for w in reversed(widths):
@@ -260,9 +282,8 @@ class CVAE(tf.keras.Model):
                 upsampling_blocks += [tf.keras.layers.UpSampling2D(c.strides, interpolation="nearest"),
                                       tf.keras.layers.Conv2D(w, c.kernel_size, padding="same", activation="relu")]
         self.decoder = tf.keras.Sequential(
-            [tf.keras.Input(shape=(c.latent_dim,)),
-             tf.keras.layers.Dense(c.grid_size * c.grid_size * c.filters, activation="relu"),
-             tf.keras.layers.Reshape((c.grid_size, c.grid_size, c.filters))]
+            [tf.keras.Input(shape=(c.latent_dim,))]
+            + decoder_head
             + upsampling_blocks
             # One output map per image channel (times the likelihood's parameters per pixel), stride 1 keeps the size.
             + [tf.keras.layers.Conv2DTranspose(c.channels * LIKELIHOODS[c.likelihood], c.kernel_size, strides=1,
@@ -324,17 +345,15 @@ def discretized_logistic_log_prob(x, loc, log_scale):
     probabilities of one pixel sum to one.
     """
     x = 2.0 * x - 1.0
-    centered = x - loc
     inv_scale = tf.exp(-log_scale)
-    plus_in = inv_scale * (centered + 1.0 / 255.0)
-    minus_in = inv_scale * (centered - 1.0 / 255.0)
-    log_cdf_plus = plus_in - tf.nn.softplus(plus_in)  # log sigmoid(plus_in), for pixel value 0
-    log_one_minus_cdf_minus = -tf.nn.softplus(minus_in)  # log (1 - sigmoid(minus_in)), for pixel value 255
-    cdf_delta = tf.sigmoid(plus_in) - tf.sigmoid(minus_in)
-    mid_in = inv_scale * centered
-    log_pdf_mid = mid_in - log_scale - 2.0 * tf.nn.softplus(mid_in)  # density times bin width when delta underflows
-    log_prob_mid = tf.where(cdf_delta > 1e-5, tf.math.log(tf.maximum(cdf_delta, 1e-12)),
-                            log_pdf_mid - math.log(127.5))
+    plus_in = inv_scale * (x - loc + 1.0 / 255.0)  # upper edge of the pixel's bin, standardized
+    minus_in = plus_in - inv_scale * (2.0 / 255.0)  # lower edge
+    log_cdf_plus = -tf.nn.softplus(-plus_in)  # log sigmoid(plus_in): the mass below the upper edge
+    log_one_minus_cdf_minus = -tf.nn.softplus(minus_in)  # log (1 - sigmoid(minus_in)): the mass above the lower edge
+    # sigmoid(a) - sigmoid(b) = sigmoid(a) (1 - sigmoid(b)) (1 - e^(b - a)) for the bin's mass, and b - a is the same
+    # for every pixel value: no cancellation and no special case when the bin is far out in a tail.
+    log_bin_factor = tf.math.log(-tf.math.expm1(-inv_scale * (2.0 / 255.0)))
+    log_prob_mid = log_cdf_plus + log_one_minus_cdf_minus + log_bin_factor
     return tf.where(x < -0.999, log_cdf_plus, tf.where(x > 0.999, log_one_minus_cdf_minus, log_prob_mid))
 
 
@@ -754,9 +773,9 @@ def active_units(latent_means: np.ndarray, threshold: float = 0.01) -> int:
     return int(np.sum(np.var(latent_means, axis=0) > threshold))
 
 
-def linear_probe_accuracy(train_codes, train_labels, test_codes, test_labels, max_train: int = 20000,
+def linear_probe_accuracy(train_codes, train_labels, test_codes, test_labels, max_train: int | None = None,
                           seed: int = 0) -> float:
-    """Test accuracy of a logistic regression fitted on (at most `max_train`) standardized training codes."""
+    """Test accuracy of a logistic regression fitted on the standardized training codes (`max_train` of them if set)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler

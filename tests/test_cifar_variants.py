@@ -66,6 +66,17 @@ def test_discretized_logistic_sharp_distribution_puts_mass_on_its_bin():
     assert np.all(np.isfinite(log_probs))
 
 
+@pytest.mark.parametrize("level, loc, log_scale", [(200, -0.9, -5.0), (20, 0.8, -4.0), (128, 0.0, -7.0)])
+def test_discretized_logistic_far_in_a_tail_matches_float64(level, loc, log_scale):
+    """A bin hundreds of scales from the location keeps its exact log-probability (no cancellation, no cut-off)."""
+    centre = 2.0 * level / 255.0 - 1.0
+    upper, lower = [(centre + sign / 255.0 - loc) / math.exp(log_scale) for sign in (1.0, -1.0)]
+    # sigmoid(u) - sigmoid(l) = sigmoid(-l) - sigmoid(-u): both tiny when the bin lies far above the location.
+    tail = -1.0 if upper > 0 else 1.0
+    expected = math.log(abs(logistic_cdf(tail * lower) - logistic_cdf(tail * upper)))
+    assert level_log_probs(loc, log_scale)[level] == pytest.approx(expected, rel=1e-4)
+
+
 def test_logistic_reconstruction_is_summed_over_pixels_and_channels():
     vu.set_seed(0)
     model = vu.CVAE(vu.VAEConfig(img_size=8, channels=3, latent_dim=2, num_convolutions=1, filters=4,

@@ -74,6 +74,8 @@ def test_overrides_and_config_object_agree():
     (dict(upsampling="bilinear"), "upsampling='bilinear'"),
     (dict(likelihood="gaussian"), "likelihood='gaussian'"),
     (dict(logvar_bound=0.0), "logvar_bound=0.0"),
+    (dict(spatial_latent=True, latent_dim=50), "latent_dim divisible by grid_size**2 = 49"),
+    (dict(spatial_latent=True, latent_dim=98, encoder_padding="valid"), "must use encoder_padding='same'"),
 ])
 def test_invalid_configuration_names_the_numbers(overrides, message):
     with pytest.raises(ValueError) as error:
@@ -93,3 +95,36 @@ def test_logvar_is_softly_bounded(seeded):
     dense.set_weights([kernel, np.zeros_like(bias)])
     _, logvar = model.encode(tf.zeros((1, 28, 28, 1)))
     np.testing.assert_allclose(logvar.numpy(), 0.0, atol=1e-6)  # tanh(0) = 0: near zero the clamp is the identity
+
+
+@pytest.mark.parametrize("img_size, channels, latent_dim, upsampling", [(28, 1, 98, "transpose"),
+                                                                        (32, 3, 128, "resize")])
+def test_spatial_latent_shapes(seeded, img_size, channels, latent_dim, upsampling):
+    config = vae_utils.VAEConfig(img_size=img_size, channels=channels, latent_dim=latent_dim, spatial_latent=True,
+                                 upsampling=upsampling, **TINY)
+    model = vae_utils.CVAE(config)
+    x = tf.random.uniform((3, img_size, img_size, channels))
+    mean, logvar = model.encode(x)
+    assert mean.shape == logvar.shape == (3, latent_dim)
+    assert model.decode(mean).shape == (3, img_size, img_size, channels)
+    assert model.sample(num_samples=2).shape == (2, img_size, img_size, channels)
+    assert not [layer for layer in model.decoder.layers if isinstance(layer, tf.keras.layers.Dense)]
+
+
+def test_spatial_latent_splits_mean_and_logvar_by_channel_and_keeps_locality(seeded):
+    """The first half of the code holds the mean maps, and a code cell only sees (and shapes) its part of the image."""
+    model = vae_utils.CVAE(vae_utils.VAEConfig(img_size=32, channels=3, latent_dim=128, spatial_latent=True,
+                                               **{**TINY, "num_convolutions": 2}))  # 8 x 8 grid, 2 channels per cell
+    head = model.encoder.layers[-3]  # the Conv2D that outputs 2 mean and 2 log-variance maps
+    kernel, bias = head.get_weights()
+    head.set_weights([np.zeros_like(kernel), np.array([1.0, 2.0, -3.0, -4.0], np.float32)])
+    mean, logvar = model.encode(tf.zeros((1, 32, 32, 3)))
+    np.testing.assert_allclose(mean.numpy().reshape(2, 64), [[1.0] * 64, [2.0] * 64])
+    bound = model.config.logvar_bound
+    np.testing.assert_allclose(logvar.numpy().reshape(2, 64), bound * np.tanh(np.array([[-3.0], [-4.0]]) / bound)
+                               * np.ones((2, 64)), rtol=1e-6)
+    head.set_weights([kernel, bias])
+    x = tf.random.uniform((1, 32, 32, 3), seed=2)
+    changed = tf.tensor_scatter_nd_update(x, [[0, 31, 31, 0]], [5.0])  # one pixel in the bottom-right corner
+    difference = (model.encode(changed)[0] - model.encode(x)[0]).numpy().reshape(2, 8, 8)
+    assert np.abs(difference[:, :4, :4]).max() == 0.0 and np.abs(difference).max() > 0.0

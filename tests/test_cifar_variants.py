@@ -101,61 +101,95 @@ def test_logistic_gradients_are_finite_at_the_edges():
         assert np.all(np.isfinite(gradient.numpy()))
 
 
-def coupled_output(loc_logits, raw_log_scale, raw_coefficients, batch=1):
-    """A decoder output of `batch` 1x1 RGB images: location logits, raw log-scales, raw coefficients (3 each)."""
-    pixel = np.concatenate([loc_logits, raw_log_scale, raw_coefficients]).astype(np.float32)
-    return tf.constant(np.broadcast_to(pixel, (batch, 1, 1, 9)))
+def ar_inputs(height=4, width=4, channels=3, seed=0):
+    """Random locations, coefficients and an image for `_ar_locations`, batch 1, float32."""
+    rng = np.random.default_rng(seed)
+    seen = (len(vu.AR_NEIGHBOURS) + 1) * channels
+    loc = rng.uniform(-0.8, 0.8, (1, height, width, channels))
+    coefficients = np.tanh(rng.normal(size=(1, height, width, seen * channels)))
+    x = rng.uniform(-1.0, 1.0, (1, height, width, channels))
+    return [tf.constant(a, tf.float32) for a in (loc, coefficients, x)]
 
 
-COUPLED_CONFIG = vu.VAEConfig(img_size=8, channels=3, latent_dim=2, num_convolutions=1, likelihood="logistic_rgb")
-COUPLED_MODEL = types.SimpleNamespace(config=COUPLED_CONFIG)  # all that reconstruction_log_prob reads of a model
+def test_autoregressive_location_depends_only_on_earlier_pixels_and_channels():
+    loc, coefficients, x = ar_inputs()
+    _, height, width, channels = x.shape
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        shifted = vu._ar_locations(loc, coefficients, x)
+    jacobian = tape.jacobian(shifted, x).numpy().reshape(height * width * channels, height * width * channels)
+    # Raster order: row by row, pixel by pixel, channel by channel; a location may use only the values before it.
+    assert np.all(np.triu(jacobian) == 0.0)
+    neighbours = {(0, -1), (-1, -1), (-1, 0), (-1, 1)}
+    for out in range(jacobian.shape[0]):
+        row, col = divmod(out // channels, width)
+        for src in np.flatnonzero(jacobian[out]):
+            src_row, src_col = divmod(src // channels, width)
+            assert (src_row - row, src_col - col) in neighbours | {(0, 0)}
+    assert np.count_nonzero(jacobian) > jacobian.shape[0]  # the coefficients do couple pixels
 
 
-@pytest.mark.parametrize("red_level", [0, 90, 255])
-def test_coupled_logistic_sums_to_the_red_probability_over_green_and_blue(red_level):
-    """Summing p(r, g, b) over all 256 x 256 green and blue levels leaves p(r): each conditional is normalized."""
-    loc_logits, raw_log_scale, raw_coefficients = [0.3, -0.5, 0.8], [0.5, 0.0, 1.0], [1.2, -0.7, 0.4]
-    green, blue = np.meshgrid(LEVELS, LEVELS, indexing="ij")
-    x = np.stack([np.full(green.size, red_level / 255.0), green.ravel(), blue.ravel()], -1).reshape(-1, 1, 1, 3)
-    output = coupled_output(loc_logits, raw_log_scale, raw_coefficients, batch=len(x))
-    joint = vu.reconstruction_log_prob(COUPLED_MODEL, tf.constant(x, tf.float32), output).numpy().astype(float)
-    loc_red = 2.0 / (1.0 + math.exp(-loc_logits[0])) - 1.0
-    red = level_log_probs(loc_red, raw_log_scale[0] - vu.LOGISTIC_LOG_SCALE_SHIFT)[red_level]
-    np.testing.assert_allclose(np.logaddexp.reduce(joint), red, atol=1e-3)
+def test_autoregressive_greedy_decode_is_the_location_map():
+    """Filling pixels one by one at their predicted location leaves every residual at zero: the result is `loc`."""
+    loc, coefficients, _ = ar_inputs(seed=1)
+    _, height, width, channels = loc.shape
+    image = np.zeros(loc.shape, np.float32)
+    for row in range(height):
+        for col in range(width):
+            for k in range(channels):
+                image[0, row, col, k] = vu._ar_locations(loc, coefficients, tf.constant(image))[0, row, col, k]
+    np.testing.assert_allclose(image, loc.numpy(), atol=1e-6)
 
 
-def test_coupled_logistic_shifts_green_by_red_and_blue_by_red_and_green():
-    loc_logits, raw_log_scale, raw_coefficients = np.array([0.3, -0.5, 0.8]), np.zeros(3), np.array([1.2, -0.7, 0.4])
-    levels = np.array([200, 30, 120])
-    log_prob = vu.reconstruction_log_prob(COUPLED_MODEL, tf.constant(levels.reshape(1, 1, 1, 3) / 255.0, tf.float32),
-                                          coupled_output(loc_logits, raw_log_scale, raw_coefficients)).numpy()[0]
-    loc = 2.0 / (1.0 + np.exp(-loc_logits)) - 1.0
-    a, b, c = np.tanh(raw_coefficients)
-    red, green, _ = 2.0 * levels / 255.0 - 1.0
-    shifted = [loc[0], loc[1] + a * red, loc[2] + b * red + c * green]
-    expected = sum(level_log_probs(float(shifted[k]), -vu.LOGISTIC_LOG_SCALE_SHIFT)[levels[k]] for k in range(3))
-    np.testing.assert_allclose(log_prob, expected, rtol=1e-5)
+def test_autoregressive_logistic_sums_to_the_first_pixel_probability():
+    """A 1 x 2 grey image: summing p(x0, x1) over the 256 levels of x1 leaves p(x0), in closed form."""
+    config = vu.VAEConfig(img_size=2, channels=1, latent_dim=2, num_convolutions=1, likelihood="logistic_ar")
+    rng = np.random.default_rng(2)
+    raw = rng.normal(size=(1, 1, 2, config.decoder_outputs)).astype(np.float32)  # one image row of two pixels
+    output = tf.constant(np.repeat(raw, 256, axis=0))
+    first_level = 180
+    x = np.stack([np.full(256, first_level / 255.0), LEVELS], -1).reshape(256, 1, 2, 1).astype(np.float32)
+    model = types.SimpleNamespace(config=config)
+    joint = vu.reconstruction_log_prob(model, tf.constant(x), output).numpy().astype(float)
+    loc_first = 2.0 / (1.0 + math.exp(-raw[0, 0, 0, 0])) - 1.0
+    # The first pixel sees no residual, so its location is the mean model's; its scale is the autoregressive one.
+    first = level_log_probs(loc_first, raw[0, 0, 0, 2] - vu.LOGISTIC_LOG_SCALE_SHIFT)[first_level]
+    np.testing.assert_allclose(np.logaddexp.reduce(joint), first, atol=1e-3)
 
 
-def test_coupled_logistic_mean_image_fills_channels_in_order():
-    loc_logits, raw_coefficients = np.array([0.4, -0.2, 0.1]), np.array([0.9, -0.3, 0.5])
-    loc = 2.0 / (1.0 + np.exp(-loc_logits)) - 1.0
-    a, b, c = np.tanh(raw_coefficients)
-    red = loc[0]
-    green = loc[1] + a * red
-    blue = loc[2] + b * red + c * green
-    image = vu.mean_image(COUPLED_CONFIG, coupled_output(loc_logits, [0.0] * 3, raw_coefficients)).numpy()
-    np.testing.assert_allclose(image.ravel(), (np.clip([red, green, blue], -1, 1) + 1) / 2, atol=1e-6)
+def test_autoregressive_training_adds_the_mean_model_which_alone_trains_the_locations():
+    config = vu.VAEConfig(img_size=4, channels=3, latent_dim=2, num_convolutions=1, likelihood="logistic_ar")
+    model = types.SimpleNamespace(config=config)
+    rng = np.random.default_rng(3)
+    output = tf.constant(rng.normal(size=(2, 4, 4, config.decoder_outputs)), tf.float32)
+    x = tf.constant(rng.integers(0, 256, (2, 4, 4, 3)) / 255.0, tf.float32)
+    mean_model = types.SimpleNamespace(config=vu.VAEConfig(img_size=4, channels=3, num_convolutions=1,
+                                                           likelihood="logistic"))
+    factorized = vu.reconstruction_log_prob(mean_model, x, output[..., :6])  # locations and their log-scales
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(output)
+        autoregressive = vu.reconstruction_log_prob(model, x, output)
+        both = vu.reconstruction_log_prob(model, x, output, training=True)
+    np.testing.assert_allclose(both.numpy(), (autoregressive + factorized).numpy(), rtol=1e-6)
+    gradient = tape.gradient(autoregressive, output).numpy()
+    assert np.all(gradient[..., :3] == 0.0)  # no gradient from the neighbours' prediction into the locations
+    used = np.abs(gradient).sum(axis=(0, 1, 2)) > 0.0
+    assert used[6:9].all()  # but into its log-scales and coefficients: 4 neighbours x 3 x 3, and 3 within the pixel
+    assert used[9:].sum() == len(vu.AR_NEIGHBOURS) * 9 + 3
 
 
-def test_coupled_logistic_decoder_shapes_and_rgb_only():
+@pytest.mark.parametrize("channels", [1, 3])
+def test_autoregressive_decoder_shapes(channels):
     vu.set_seed(0)
-    model = vu.CVAE(COUPLED_CONFIG, filters=4)
-    assert model.decode(tf.zeros((2, 2))).shape == (2, 8, 8, 9)  # location, log-scale and coefficient per channel
+    config = vu.VAEConfig(img_size=8, channels=channels, latent_dim=2, num_convolutions=1, filters=4,
+                          likelihood="logistic_ar")
+    model = vu.CVAE(config)
+    per_channel = 3 + (len(vu.AR_NEIGHBOURS) + 1) * channels  # location, 2 log-scales, a coefficient per residual
+    assert model.decode(tf.zeros((2, 2))).shape == (2, 8, 8, channels * per_channel)
     sample = model.sample(num_samples=2).numpy()
-    assert sample.shape == (2, 8, 8, 3) and sample.min() >= 0.0 and sample.max() <= 1.0
-    with pytest.raises(ValueError, match="needs channels=3"):
-        vu.VAEConfig(channels=1, likelihood="logistic_rgb")
+    assert sample.shape == (2, 8, 8, channels) and sample.min() >= 0.0 and sample.max() <= 1.0
+    x = tf.random.uniform((2, 8, 8, channels), seed=1)
+    assert vu.compute_loss(model, x).shape == ()
 
 
 # --- resize-convolution decoder --------------------------------------------------------------------------------------

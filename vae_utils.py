@@ -421,7 +421,7 @@ def mean_image(config: VAEConfig, decoder_output):
     """The decoder's image in [0, 1]: Bernoulli means, or logistic locations.
 
     For "logistic_ar" the locations are the image too: decoding pixel by pixel, each at its predicted location,
-    leaves every residual at zero, and the mean of x given z is the same map.
+    leaves every residual at zero, and the mean of x given z is the same map up to the rounding to 256 levels.
     """
     return tf.sigmoid(decoder_output[..., :config.channels])
 

@@ -846,17 +846,15 @@ def linear_probe_accuracy(train_codes, train_labels, test_codes, test_labels, ma
 
 
 def class_separability(train_codes, train_labels, test_codes, test_labels, seed: int = 0) -> dict[str, float]:
-    """Linear-probe test accuracy on all latent dimensions and on the 2-D PCA projection that the latent plot shows."""
+    """Linear-probe test accuracy on all latent dimensions and on the 2-D PCA projection a latent plot shows."""
     from sklearn.decomposition import PCA
 
     pca = PCA(2, random_state=seed).fit(train_codes)
-    return {"linear probe, all latent dimensions": linear_probe_accuracy(train_codes, train_labels, test_codes,
-                                                                         test_labels, seed=seed),
-            "linear probe, 2-D PCA projection": linear_probe_accuracy(pca.transform(train_codes), train_labels,
-                                                                      pca.transform(test_codes), test_labels,
-                                                                      seed=seed),
-            "chance (most frequent class)": float(np.mean(np.ravel(test_labels) == np.bincount(
-                np.ravel(train_labels)).argmax()))}
+    majority = np.bincount(np.ravel(train_labels)).argmax()
+    return {"probe_accuracy": linear_probe_accuracy(train_codes, train_labels, test_codes, test_labels, seed=seed),
+            "probe_accuracy_pca2": linear_probe_accuracy(pca.transform(train_codes), train_labels,
+                                                         pca.transform(test_codes), test_labels, seed=seed),
+            "majority_class_accuracy": float(np.mean(np.ravel(test_labels) == majority))}
 
 
 def iwae_log_likelihood(model: CVAE, x, num_samples: int = 64):
@@ -886,14 +884,14 @@ def bits_per_dim(nll_nats: float, dims: int) -> float:
 
 def likelihood_is_proper(model: CVAE, images: np.ndarray) -> bool:
     """Whether log p(x|z) is a distribution over these images: Bernoulli on binary pixels, or a discretized one."""
-    if isinstance(model, ExtendedCVAE):
-        return model.config.likelihood != "bernoulli"
+    if isinstance(model, ExtendedCVAE) and model.config.likelihood != "bernoulli":
+        return True
     return bool(np.isin(images, (0.0, 1.0)).all())
 
 
 def model_metrics(model: CVAE, data: DataSplits, *, iwae_samples: int = 64, iwae_images: int = 2000,
                   batch_size: int = 1000) -> dict:
-    """Test-set metrics of a trained model: ELBO, IWAE bound, bits/dim, PSNR, active units, linear probe.
+    """Test-set metrics of a trained model: ELBO, IWAE bound, bits/dim, PSNR, active units, linear probes.
 
     The IWAE bound is computed on the first `iwae_images` test images, and the ELBO on the same images beside it, so
     that the two can be compared; bits/dim only where the likelihood is a distribution over the pixels.
@@ -916,7 +914,7 @@ def model_metrics(model: CVAE, data: DataSplits, *, iwae_samples: int = 64, iwae
         "bits_per_dim": bits_per_dim(nll, model.config.image_dims) if likelihood_is_proper(model, subset) else None,
         "psnr_db": psnr(test_images, reconstruct(model, test_images, batch_size)),
         "active_units": active_units(test_codes),
-        "probe_accuracy": linear_probe_accuracy(train_codes, data.train_labels, test_codes, data.test_labels),
+        **class_separability(train_codes, data.train_labels, test_codes, data.test_labels),
     }
 
 
@@ -968,6 +966,14 @@ def results_table(results: Sequence[dict]):
     import pandas as pd
 
     return pd.DataFrame(list(results)).set_index("name")
+
+
+def write_results(path: str, results: Sequence[dict], **extra) -> None:
+    """Write the results rows, and `extra` items such as the run's wall time, to a JSON file."""
+    path = os.path.expanduser(path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as handle:
+        json.dump({**extra, "models": list(results)}, handle, indent=1, default=float)
 
 
 def slug(name: str) -> str:
@@ -1637,62 +1643,74 @@ def prior_mmd_noise_floor(num_codes: int, latent_dim: int, seed: int = 0) -> flo
     return mmd_to_prior(np.random.default_rng(seed + 1).standard_normal((num_codes, latent_dim)), seed=seed)
 
 
-def mmd_weight_sweep(weights: Sequence[float], model_config: VAEConfig, data: DataSplits, config: TrainConfig, *,
-                     strategy=None, checkpoint_root: str | None = None, num_codes: int = 2000) -> list[dict]:
-    """Train one MMD model per weight and measure reconstruction (PSNR) against the codes' MMD^2 to the prior.
+@dataclasses.dataclass
+class MMDSweep:
+    """The rows of `mmd_weight_sweep` (weight, PSNR, ELBO, MMD^2 of the codes to the prior), the floor, the choice."""
 
-    Each row holds the weight, the test-set PSNR and ELBO, the MMD^2 of `num_codes` test codes z ~ q(z|x) to as many
-    prior samples, and the trained model (for its prior samples).
+    rows: list[dict]
+    noise_floor: float
+    chosen_weight: float
+    models: dict[str, CVAE]
+
+
+def mmd_weight_sweep(weights: Sequence[float], model_config: VAEConfig, data: DataSplits, config: TrainConfig, *,
+                     max_train: int | None = None, strategy=None, checkpoint_root: str | None = None,
+                     num_codes: int = 2000) -> MMDSweep:
+    """Train one MMD model per weight (on the first `max_train` training images) and choose the weight.
+
+    Each model is scored by the PSNR of its reconstructions of `num_codes` test images and by the MMD^2 of their codes
+    z ~ q(z|x) to as many prior samples; `choose_mmd_weight` picks the weight from these.
     """
     if not weights:
         raise ValueError("weights is empty; pass the MMD weights to try")
-    rows = []
+    losses = [MMDLoss(weight) for weight in weights]  # checks every weight before any training
+    train = DataSplits(data.name, data.train_images[:max_train], data.train_labels[:max_train], data.test_images,
+                       data.test_labels)
     test_images = data.test_images[:num_codes]
-    for weight in weights:
-        loss = MMDLoss(weight)
+    rows, models = [], {}
+    for loss in losses:
         model = build_model(model_config, config, strategy)
         checkpoint_dir = None if checkpoint_root is None else os.path.join(
-            os.path.expanduser(checkpoint_root), f"mmd_weight_{weight:g}")
-        history = main_train_loop(model, data.train_images, data.test_images, config, loss, strategy=strategy,
+            os.path.expanduser(checkpoint_root), f"mmd_weight_{loss.mmd_weight:g}")
+        history = main_train_loop(model, train.train_images, train.test_images, config, loss, strategy=strategy,
                                   checkpoint_dir=checkpoint_dir, verbose=False)
         row = {"mmd_weight": loss.mmd_weight, "psnr_db": psnr(test_images, reconstruct(model, test_images)),
                "test_elbo": history[-1]["test_elbo"],
                "mmd_to_prior": mmd_to_prior(aggregate_posterior_samples(model, test_images))}
-        print(f"MMD weight {weight:g}: PSNR {row['psnr_db']:.2f} dB, test ELBO {row['test_elbo']:.1f} nats, "
+        print(f"MMD weight {loss.mmd_weight:g}: PSNR {row['psnr_db']:.2f} dB, test ELBO {row['test_elbo']:.1f} nats, "
               f"MMD^2 of the codes to N(0, I) {row['mmd_to_prior']:.2e} "
-              f"({sum(r['seconds'] for r in history):.0f} s)")
-        rows.append({**row, "model": model})
-    return rows
+              f"(trained in {sum(r['seconds'] for r in history):.0f} s)")
+        rows.append(row)
+        models[f"weight {loss.mmd_weight:g}"] = model
+    noise_floor = prior_mmd_noise_floor(len(test_images), model_config.latent_dim)
+    return MMDSweep(rows, noise_floor, choose_mmd_weight(rows, noise_floor), models)
 
 
-def choose_mmd_weight(sweep: Sequence[dict], noise_floor: float) -> float:
+def choose_mmd_weight(rows: Sequence[dict], noise_floor: float) -> float:
     """The smallest weight whose codes are as close to N(0, I) as a second prior sample is (MMD^2 <= 2 x the floor).
 
     A smaller weight favours reconstruction, a larger one the match to the prior; this takes the best reconstruction
     among the weights whose codes a sampler cannot tell from the prior. Without one, the weight closest to the prior.
     """
-    matching = [row for row in sweep if row["mmd_to_prior"] <= 2.0 * noise_floor]
+    matching = [row for row in rows if row["mmd_to_prior"] <= 2.0 * noise_floor]
     if matching:
         return min(row["mmd_weight"] for row in matching)
-    return min(sweep, key=lambda row: row["mmd_to_prior"])["mmd_weight"]
+    return min(rows, key=lambda row: row["mmd_to_prior"])["mmd_weight"]
 
 
-def plot_mmd_sweep(sweep: Sequence[dict], noise_floor: float, chosen: float, title: str = "MMD weight sweep",
-                   path: str | None = None) -> Figure:
+def plot_mmd_sweep(sweep: MMDSweep, title: str = "MMD weight sweep", path: str | None = None) -> Figure:
     """Reconstruction PSNR and the codes' MMD^2 to the prior against the MMD weight, the chosen weight marked."""
-    if not sweep:
-        raise ValueError("sweep is empty; pass the rows of mmd_weight_sweep")
-    weights = [row["mmd_weight"] for row in sweep]
+    weights = [row["mmd_weight"] for row in sweep.rows]
     figure = Figure(figsize=(11, 3.6), layout="constrained")
     psnr_axis, mmd_axis = figure.subplots(1, 2)
-    psnr_axis.plot(weights, [row["psnr_db"] for row in sweep], marker="o")
+    psnr_axis.plot(weights, [row["psnr_db"] for row in sweep.rows], marker="o")
     psnr_axis.set(xscale="log", xlabel="MMD weight", ylabel="test PSNR (dB)", title="reconstruction")
-    mmd_axis.plot(weights, [row["mmd_to_prior"] for row in sweep], marker="o", label="test codes")
-    mmd_axis.axhline(noise_floor, color="black", ls="--", lw=1, label="two samples of N(0, I)")
+    mmd_axis.plot(weights, [row["mmd_to_prior"] for row in sweep.rows], marker="o", label="test codes")
+    mmd_axis.axhline(sweep.noise_floor, color="black", ls="--", lw=1, label="two samples of N(0, I)")
     mmd_axis.set(xscale="log", yscale="log", xlabel="MMD weight", ylabel="MMD^2 to N(0, I)",
                  title="distance of the codes to the prior")
     for axis in (psnr_axis, mmd_axis):
-        axis.axvline(chosen, color="C3", lw=1, label=f"chosen: {chosen:g}")
+        axis.axvline(sweep.chosen_weight, color="C3", lw=1, label=f"chosen: {sweep.chosen_weight:g}")
         axis.grid(alpha=0.3)
     mmd_axis.legend(fontsize=8)
     figure.suptitle(title)

@@ -18,10 +18,15 @@ from nbclient import NotebookClient
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 OVERWRITTEN = re.compile(r".*\r(?=[^\n])")  # text that a later carriage return overwrote on the same line
+# TensorFlow's C++ start-up notices, written to stderr before its logging is configured, so that
+# TF_CPP_MIN_LOG_LEVEL cannot silence them: device probing that says nothing about this run.
+STARTUP_NOTICE = re.compile(r"^(WARNING: All log messages before absl::InitializeLog\(\).*"
+                            r"|[IWE]0000 [0-9:. ]+ *\d+ (port|cudart_stub|cuda_platform|cpu_feature_guard)\.cc:.*"
+                            r"|To enable the following instructions:.*)\n?", re.MULTILINE)
 
 
 def merge_streams(notebook: nbformat.NotebookNode) -> None:
-    """Merge consecutive stream outputs of the same name and drop text that carriage returns overwrote."""
+    """Merge consecutive stream outputs of the same name; drop text that carriage returns overwrote, and start-up notices."""
     for cell in notebook.cells:
         if cell.cell_type != "code":
             continue
@@ -36,7 +41,9 @@ def merge_streams(notebook: nbformat.NotebookNode) -> None:
         for output in merged:
             if output.output_type == "stream":
                 output.text = OVERWRITTEN.sub("", output.text)
-        cell.outputs = merged
+                if output.name == "stderr":
+                    output.text = STARTUP_NOTICE.sub("", output.text)
+        cell.outputs = [output for output in merged if output.output_type != "stream" or output.text]
 
 
 def inject_parameters(notebook: nbformat.NotebookNode, parameters: dict) -> None:

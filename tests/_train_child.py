@@ -63,7 +63,7 @@ def main(checkpoint_dir: str, marker_dir: str, epochs: int, step_seconds: float 
     vae_utils.set_seed(0)
     model = vae_utils.CVAE(CONFIG)
     history = vae_utils.main_train_loop(
-        model, images(256, seed=1), images(64, seed=2), epochs=epochs, batch_size=32, seed=0,
+        model, images(256, seed=1), images(64, seed=2), vae_utils.TrainConfig(epochs=epochs, batch_size=32, seed=0),
         loss_fn=EpochMarkers(model, marker_dir, step_seconds), checkpoint_dir=checkpoint_dir, verbose=True)
     with open(os.path.join(marker_dir, "final_history.json"), "w") as handle:
         json.dump(history, handle)

@@ -3,6 +3,8 @@
 The CPU is split into two logical devices here, at import time, because TensorFlow fixes its devices the first time
 it initialises them; `tf.distribute.MirroredStrategy(["/CPU:0", "/CPU:1"])` can then run two replicas on one CPU.
 The default strategy still places everything on /CPU:0.
+
+Slow tests carry `@pytest.mark.slow` (registered in pytest.ini): `pytest -m "not slow"` is the fast loop.
 """
 
 import os
@@ -34,6 +36,13 @@ LOGICAL_CPUS = _split_cpu()
 import vae_utils  # noqa: E402
 
 TINY = dict(filters=4, kernel_size=3, num_convolutions=2, strides=2)
+TINY_CONFIG = vae_utils.VAEConfig(img_size=28, channels=1, latent_dim=2, **TINY)
+# The real keras-format .npz files, where this machine has them.
+REAL_DATA_DIR = os.environ.get("VAE_DATA_DIR") or os.path.join(ROOT, "..", "shared", "data")
+
+
+def real_data_available(*names: str) -> bool:
+    return all(os.path.isfile(os.path.join(REAL_DATA_DIR, f"{name}.npz")) for name in names)
 
 
 def synthetic_images(count: int, img_size: int = 28, channels: int = 1, seed: int = 0, classes: int = 4):
@@ -70,4 +79,29 @@ def mnist_like():
 @pytest.fixture
 def tiny_model(seeded):
     """A seeded 28x28x1 CVAE with 4 filters and a 2-d latent space."""
-    return vae_utils.CVAE(vae_utils.VAEConfig(img_size=28, channels=1, latent_dim=2, **TINY))
+    return vae_utils.CVAE(TINY_CONFIG)
+
+
+@pytest.fixture
+def splits(mnist_like):
+    """`mnist_like` as the `DataSplits` that `prepare_data` returns (binary 28x28x1 images, labels 0..3)."""
+    return vae_utils.DataSplits("mnist", *mnist_like)
+
+
+def tiny_images(count: int, img_size: int = 8, channels: int = 1, seed: int = 0) -> np.ndarray:
+    """Uniform random float32 images in [0, 1], for models that only need inputs of the right shape."""
+    return np.random.default_rng(seed).random((count, img_size, img_size, channels)).astype(np.float32)
+
+
+def assert_gradients_reach_every_variable(model, loss_fn, x):
+    """The loss is finite, and its gradient for every trainable variable is finite and somewhere non-zero."""
+    with tf.GradientTape() as tape:
+        loss = loss_fn(model, x)
+    gradients = tape.gradient(loss, model.trainable_variables)
+    assert np.isfinite(float(loss))
+    assert len(gradients) == len(model.trainable_variables) > 0
+    for variable, gradient in zip(model.trainable_variables, gradients):
+        assert gradient is not None, f"no gradient reaches {variable.path}"
+        gradient = tf.convert_to_tensor(gradient).numpy()
+        assert np.isfinite(gradient).all(), f"non-finite gradient for {variable.path}"
+        assert np.abs(gradient).max() > 0, f"zero gradient for {variable.path}"

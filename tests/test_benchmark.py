@@ -17,6 +17,7 @@ def bench():
     return module
 
 
+@pytest.mark.slow
 def test_quick_mode_runs_and_reports_every_part(bench, capsys):
     result = bench.main(["--quick"])
     printed = capsys.readouterr().out
@@ -25,7 +26,24 @@ def test_quick_mode_runs_and_reports_every_part(bench, capsys):
     assert all(rates["wall"] > 0 and rates["cpu"] > 0 for rates in result["throughput"].values())
     assert math.isfinite(result["target_elbo"])
     assert len(result["tutorial_history"]) == 1 and 1 <= len(result["project_history"]) <= 1
-    assert [name.split("/")[0] for name, _, _ in result["profile"]] == ["encoder"] * 3 + ["decoder"] * 4
+    # Every CPU gets a measured bfloat16 row next to float32, with its own matmul peak and layer profile.
+    assert {"float32", "mixed_bfloat16"} <= set(result["precisions"])
+    for precision, peak in (("float32", "float32 matmul"), ("mixed_bfloat16", "bfloat16 matmul")):
+        assert any(name.startswith("project (") and name.endswith(f", {precision})") for name in result["throughput"])
+        assert peak in result["throughput"]
+        assert [name.split("/")[0] for name, _, _ in result["profile"][precision]] == ["encoder"] * 3 + ["decoder"] * 4
+    assert result["chosen_precision"] in result["precisions"]
+    assert "Targets (issue 14)" in printed and "at least 8x sooner" in printed
+    assert result["targets"]["throughput_ratio"] > 0
+
+
+def test_precision_rows_follow_the_machine(bench, monkeypatch):
+    import vae_utils as vu
+
+    monkeypatch.setattr(vu, "choose_precision", lambda requested="auto", **_: "float32")
+    assert bench.precisions_to_measure("float32")[0] == "float32"
+    assert bench.precisions_to_measure("mixed_float16")[-1] == "mixed_float16"  # part 2's precision always gets a row
+    assert bench.PEAK_DTYPE == {"float32": "float32", "mixed_bfloat16": "bfloat16", "mixed_float16": "float16"}
 
 
 def test_flop_count_matches_the_tutorial_architecture_by_hand(bench):

@@ -1,15 +1,12 @@
-"""Data section: load_dataset from keras-format .npz files (and its errors), preprocessing, tf.data pipelines."""
-
-import os
+"""Data section: load_dataset from keras-format .npz files (and its errors), preprocessing, model-ready checks,
+tf.data pipelines, and prepare_data's DataSplits."""
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
 import vae_utils
-
-REAL_DATA_DIR = os.environ.get("VAE_DATA_DIR") or os.path.join(os.path.dirname(__file__), "..", "..", "shared",
-                                                               "data")
+from conftest import REAL_DATA_DIR, TINY_CONFIG, real_data_available
 
 
 def write_npz(path, x_train, y_train, x_test, y_test, **extra):
@@ -154,7 +151,7 @@ def test_class_names():
     assert len(names) == 10 and names[0] == "airplane" and names[-1] == "truck"
 
 
-@pytest.mark.skipif(not os.path.isfile(os.path.join(REAL_DATA_DIR, "mnist.npz")), reason="real MNIST not available")
+@pytest.mark.skipif(not real_data_available("mnist"), reason="real MNIST not available")
 def test_real_mnist_file_loads():
     (x_train, y_train), (x_test, y_test) = vae_utils.load_dataset("mnist", data_dir=REAL_DATA_DIR)
     assert x_train.shape == (60000, 28, 28) and x_test.shape == (10000, 28, 28) and x_train.dtype == np.uint8
@@ -195,3 +192,40 @@ def test_make_dataset_batches_shuffles_and_drops_remainder():
     assert sorted(first) == list(range(10)) and list(first) != list(range(10))
     with pytest.raises(ValueError, match="batch_size=11"):
         vae_utils.make_dataset(images, 11)
+
+
+@pytest.mark.parametrize("images, error, message", [
+    (np.zeros((2, 28, 28), np.float32), ValueError, "(N, H, W, C)"),
+    (np.zeros((0, 28, 28, 1), np.float32), ValueError, "non-empty"),
+    (np.zeros((2, 28, 28, 1), np.uint8), TypeError, "preprocess_images"),
+    (np.full((2, 28, 28, 1), np.nan, np.float32), ValueError, "NaN"),
+    (np.full((2, 28, 28, 1), 2.0, np.float32), ValueError, "got values in [2, 2]"),
+    (np.zeros((2, 32, 32, 3), np.float32), ValueError, "(32, 32, 3) but the model expects (28, 28, 1)"),
+])
+def test_check_images_names_the_problem(images, error, message):
+    with pytest.raises(error) as raised:
+        vae_utils.check_images(images, TINY_CONFIG, "test_images")
+    assert message in str(raised.value) and "test_images" in str(raised.value)
+
+
+def test_check_images_accepts_tensors_and_returns_float32():
+    images = vae_utils.check_images(tf.zeros((2, 28, 28, 1), tf.float64), TINY_CONFIG)
+    assert isinstance(images, np.ndarray) and images.dtype == np.float32 and images.shape == (2, 28, 28, 1)
+
+
+@pytest.mark.parametrize("name, make, binary", [("mnist", small_mnist, True), ("cifar10", small_cifar, False)])
+def test_prepare_data_preprocesses_as_the_homework_does(tmp_path, offline, name, make, binary):
+    x_train, y_train, x_test, y_test = make()
+    write_npz(tmp_path / f"{name}.npz", x_train, y_train, x_test, y_test)
+    data = vae_utils.prepare_data(name, data_dir=str(tmp_path), max_train=8, max_test=4)
+    assert isinstance(data, vae_utils.DataSplits) and data.name == name
+    assert data.class_names == vae_utils.dataset_spec(name).class_names
+    channels = 1 if name == "mnist" else 3
+    side = x_train.shape[1]
+    assert data.train_images.shape == (8, side, side, channels) and data.test_images.shape == (4, side, side, channels)
+    assert data.train_images.dtype == data.test_images.dtype == np.float32
+    assert data.train_labels.shape == (8,) and data.test_labels.shape == (4,)  # CIFAR's (N, 1) labels flattened
+    np.testing.assert_array_equal(data.train_labels, np.ravel(y_train)[:8])
+    expected = vae_utils.preprocess_images(x_test[:4], binarize=binary)
+    np.testing.assert_array_equal(data.test_images, expected)
+    assert np.isin(data.train_images, (0.0, 1.0)).all() == binary  # MNIST binarized at 0.5, CIFAR-10 only scaled

@@ -1,11 +1,14 @@
-"""Model section: shapes of the CVAE for MNIST- and CIFAR-sized images, the decoder grid, invalid configurations."""
+"""Model section: the homework's CVAE for MNIST- and CIFAR-sized images (shapes, the decoder's logits layer, the
+soft log-variance bound), the decoder grid, invalid configurations, and build_model."""
+
+import dataclasses
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
 import vae_utils
-from conftest import TINY
+from conftest import LOGICAL_CPUS, TINY, TINY_CONFIG
 
 
 @pytest.mark.parametrize("img_size, num_convolutions, strides, grid", [
@@ -35,17 +38,6 @@ def test_shapes(seeded, img_size, channels, latent_dim):
     assert reshape.target_shape == (img_size // 4, img_size // 4, TINY["filters"])
 
 
-@pytest.mark.parametrize("overrides, channels_out", [
-    (dict(likelihood="logistic"), 6), (dict(upsampling="resize"), 3), (dict(num_convolutions=3), 3),
-    (dict(encoder_padding="valid"), 3)])
-def test_variants_keep_image_shape(seeded, overrides, channels_out):
-    config = vae_utils.VAEConfig(img_size=32, channels=3, latent_dim=4, **{**TINY, **overrides})
-    model = vae_utils.CVAE(config)
-    x = tf.random.uniform((2, 32, 32, 3))
-    assert model(x).shape == (2, 32, 32, channels_out)  # logistic: location and log-scale per channel
-    assert model.sample(num_samples=2).shape == (2, 32, 32, 3)
-
-
 def test_reparameterize_uses_dynamic_shape_and_statistics(seeded):
     model = vae_utils.CVAE(vae_utils.VAEConfig(latent_dim=3, **TINY))
     reparameterize = tf.function(model.reparameterize,
@@ -58,31 +50,68 @@ def test_reparameterize_uses_dynamic_shape_and_statistics(seeded):
     np.testing.assert_allclose(z.std(axis=0), 0.5, atol=0.02)
 
 
-def test_overrides_and_config_object_agree():
-    config = vae_utils.VAEConfig(img_size=32, channels=3, latent_dim=5, **TINY)
-    model = vae_utils.CVAE(vae_utils.VAEConfig(**TINY), img_size=32, channels=3, latent_dim=5)
-    assert model.config == config
-
-
 @pytest.mark.parametrize("overrides, message", [
     (dict(latent_dim=0), "latent_dim=0"),
     (dict(latent_dim=-2), "latent_dim=-2"),
     (dict(latent_dim=2.5), "latent_dim=2.5"),
+    (dict(latent_dim=True), "latent_dim=True"),
     (dict(img_size=28, num_convolutions=3), "img_size=28 is not divisible by strides**num_convolutions = 2**3 = 8"),
     (dict(img_size=32, strides=3), "img_size=32 is not divisible by strides**num_convolutions = 3**2 = 9"),
     (dict(filters=0), "filters=0"),
-    (dict(upsampling="bilinear"), "upsampling='bilinear'"),
-    (dict(likelihood="gaussian"), "likelihood='gaussian'"),
+    (dict(encoder_padding="full"), "encoder_padding='full'"),
     (dict(logvar_bound=0.0), "logvar_bound=0.0"),
-    (dict(spatial_latent=True, latent_dim=50), "latent_dim divisible by grid_size**2 = 49"),
-    (dict(spatial_latent=True, latent_dim=98, encoder_padding="valid"), "must use encoder_padding='same'"),
 ])
 def test_invalid_configuration_names_the_numbers(overrides, message):
     with pytest.raises(ValueError) as error:
         vae_utils.VAEConfig(**{**TINY, **overrides})
-    assert message in str(error.value)
-    with pytest.raises(ValueError, match="must|divisible"):
-        vae_utils.CVAE(**{**TINY, **overrides})
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_config_holds_only_the_homework_fields():
+    """The likelihood, upsampling and spatial-code options belong to ExtendedVAEConfig (the last section)."""
+    fields = {field.name for field in dataclasses.fields(vae_utils.VAEConfig)}
+    assert fields == {"img_size", "channels", "latent_dim", "num_convolutions", "filters", "kernel_size", "strides",
+                      "encoder_padding", "logvar_bound"}
+    with pytest.raises(TypeError):
+        vae_utils.VAEConfig(likelihood="logistic")
+    with pytest.raises(TypeError):
+        vae_utils.CVAE(TINY_CONFIG, latent_dim=3)  # no keyword overrides: the config says it all
+    assert TINY_CONFIG.widths == [4, 8] and TINY_CONFIG.grid_size == 7 and TINY_CONFIG.image_dims == 784
+
+
+def test_decoder_ends_in_a_linear_stride_one_layer_of_logits(seeded):
+    """Question 1.3: the last layer is a Conv2DTranspose with `channels` filters, stride 1 and no activation."""
+    model = vae_utils.CVAE(vae_utils.VAEConfig(img_size=32, channels=3, latent_dim=2, **TINY))
+    last = model.decoder.layers[-1]
+    assert isinstance(last, tf.keras.layers.Conv2DTranspose)
+    assert last.filters == 3 and last.strides == (1, 1) and last.activation is tf.keras.activations.linear
+    z = tf.random.normal((4, 2))
+    logits = model.decode(z)
+    assert logits.numpy().min() < 0.0  # logits, not probabilities ...
+    np.testing.assert_allclose(model.decode(z, apply_sigmoid=True).numpy(), tf.sigmoid(logits).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(model.sample(z).numpy(), tf.sigmoid(logits).numpy(), rtol=1e-6)  # ... sigmoid: 1.7
+
+
+def test_build_model_seeds_and_builds_the_config_class():
+    first = vae_utils.build_model(TINY_CONFIG, vae_utils.TrainConfig(seed=3))
+    again = vae_utils.build_model(TINY_CONFIG, vae_utils.TrainConfig(seed=3))
+    other = vae_utils.build_model(TINY_CONFIG, vae_utils.TrainConfig(seed=4))
+    assert type(first) is vae_utils.CVAE and first.config == TINY_CONFIG
+    for a, b in zip(first.get_weights(), again.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(first.get_weights()[0], other.get_weights()[0])
+    extended = vae_utils.build_model(vae_utils.ExtendedVAEConfig(**dataclasses.asdict(TINY_CONFIG)))
+    assert type(extended) is vae_utils.ExtendedCVAE
+    with pytest.raises(TypeError, match="config must be a VAEConfig"):
+        vae_utils.build_model(dataclasses.asdict(TINY_CONFIG))
+
+
+def test_build_model_builds_in_the_strategy_scope():
+    if LOGICAL_CPUS < 2:
+        pytest.skip("the CPU could not be split into two logical devices")
+    strategy = tf.distribute.MirroredStrategy(["/CPU:0", "/CPU:1"])
+    model = vae_utils.build_model(TINY_CONFIG, strategy=strategy)
+    assert all(strategy.extended.variable_created_in_scope(getattr(v, "value", v)) for v in model.variables)
 
 
 def test_logvar_is_softly_bounded(seeded):
@@ -95,36 +124,3 @@ def test_logvar_is_softly_bounded(seeded):
     dense.set_weights([kernel, np.zeros_like(bias)])
     _, logvar = model.encode(tf.zeros((1, 28, 28, 1)))
     np.testing.assert_allclose(logvar.numpy(), 0.0, atol=1e-6)  # tanh(0) = 0: near zero the clamp is the identity
-
-
-@pytest.mark.parametrize("img_size, channels, latent_dim, upsampling", [(28, 1, 98, "transpose"),
-                                                                        (32, 3, 128, "resize")])
-def test_spatial_latent_shapes(seeded, img_size, channels, latent_dim, upsampling):
-    config = vae_utils.VAEConfig(img_size=img_size, channels=channels, latent_dim=latent_dim, spatial_latent=True,
-                                 upsampling=upsampling, **TINY)
-    model = vae_utils.CVAE(config)
-    x = tf.random.uniform((3, img_size, img_size, channels))
-    mean, logvar = model.encode(x)
-    assert mean.shape == logvar.shape == (3, latent_dim)
-    assert model.decode(mean).shape == (3, img_size, img_size, channels)
-    assert model.sample(num_samples=2).shape == (2, img_size, img_size, channels)
-    assert not [layer for layer in model.decoder.layers if isinstance(layer, tf.keras.layers.Dense)]
-
-
-def test_spatial_latent_splits_mean_and_logvar_by_channel_and_keeps_locality(seeded):
-    """The first half of the code holds the mean maps, and a code cell only sees (and shapes) its part of the image."""
-    model = vae_utils.CVAE(vae_utils.VAEConfig(img_size=32, channels=3, latent_dim=128, spatial_latent=True,
-                                               **{**TINY, "num_convolutions": 2}))  # 8 x 8 grid, 2 channels per cell
-    head = model.encoder.layers[-3]  # the Conv2D that outputs 2 mean and 2 log-variance maps
-    kernel, bias = head.get_weights()
-    head.set_weights([np.zeros_like(kernel), np.array([1.0, 2.0, -3.0, -4.0], np.float32)])
-    mean, logvar = model.encode(tf.zeros((1, 32, 32, 3)))
-    np.testing.assert_allclose(mean.numpy().reshape(2, 64), [[1.0] * 64, [2.0] * 64])
-    bound = model.config.logvar_bound
-    np.testing.assert_allclose(logvar.numpy().reshape(2, 64), bound * np.tanh(np.array([[-3.0], [-4.0]]) / bound)
-                               * np.ones((2, 64)), rtol=1e-6)
-    head.set_weights([kernel, bias])
-    x = tf.random.uniform((1, 32, 32, 3), seed=2)
-    changed = tf.tensor_scatter_nd_update(x, [[0, 31, 31, 0]], [5.0])  # one pixel in the bottom-right corner
-    difference = (model.encode(changed)[0] - model.encode(x)[0]).numpy().reshape(2, 8, 8)
-    assert np.abs(difference[:, :4, :4]).max() == 0.0 and np.abs(difference).max() > 0.0

@@ -24,6 +24,7 @@ def _data_dir():
     return directory
 
 
+@pytest.mark.slow
 def test_notebook_runs_top_to_bottom_in_quick_mode(tmp_path):
     output = tmp_path / "executed.ipynb"
     run_notebook.run(NOTEBOOK, output, {"QUICK": True, "DATA_DIR": _data_dir(),

@@ -1,20 +1,18 @@
-"""Tests of the CIFAR-10 improvements: discretized logistic likelihood, resize-convolution decoder, KL warm-up,
-and the helpers of the ELBO-versus-MMD comparison and of the checkerboard figure. Tiny models, seeded, fast."""
+"""Beyond the homework (the module's last section): the discretized logistic and autoregressive likelihoods,
+ExtendedVAEConfig / ExtendedCVAE (spatial code, resize-convolution decoder), KL warm-up, the aggregate-code
+diagnostics, the checkerboard measure, and the helpers of the MMD weight sweep. Tiny models, seeded, fast."""
 
+import dataclasses
 import math
-import os
-import sys
 import types
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
+import pytest
+import tensorflow as tf
+from matplotlib.figure import Figure
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import tensorflow as tf  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-
-import vae_utils as vu  # noqa: E402
+import vae_utils as vu
+from conftest import TINY, TINY_CONFIG, assert_gradients_reach_every_variable, synthetic_images, tiny_images
 
 LEVELS = np.arange(256, dtype=np.float32) / 255.0  # the 256 pixel values, scaled to [0, 1]
 
@@ -79,14 +77,15 @@ def test_discretized_logistic_far_in_a_tail_matches_float64(level, loc, log_scal
 
 def test_logistic_reconstruction_is_summed_over_pixels_and_channels():
     vu.set_seed(0)
-    model = vu.CVAE(vu.VAEConfig(img_size=8, channels=3, latent_dim=2, num_convolutions=1, filters=4,
-                                 likelihood="logistic"))
+    model = vu.ExtendedCVAE(vu.ExtendedVAEConfig(img_size=8, channels=3, latent_dim=2, num_convolutions=1, filters=4,
+                                                 likelihood="logistic"))
     x = tf.constant(np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3)) / 255.0, tf.float32)
     output = model.decode(tf.zeros((2, 2)))
     assert output.shape == (2, 8, 8, 6)  # location and log-scale per channel
     per_example = vu.reconstruction_log_prob(model, x, output).numpy()
     logits, raw = tf.split(output, 2, axis=-1)
-    per_pixel = vu.discretized_logistic_log_prob(x, 2.0 * tf.sigmoid(logits) - 1.0, tf.maximum(raw - vu.LOGISTIC_LOG_SCALE_SHIFT, -7.0)).numpy()
+    log_scale = tf.maximum(raw - vu.LOGISTIC_LOG_SCALE_SHIFT, vu.LOGISTIC_MIN_LOG_SCALE)
+    per_pixel = vu.discretized_logistic_log_prob(x, 2.0 * tf.sigmoid(logits) - 1.0, log_scale).numpy()
     np.testing.assert_allclose(per_example, per_pixel.sum(axis=(1, 2, 3)), rtol=1e-5)
     assert np.all(per_example < 0.0)
 
@@ -99,6 +98,11 @@ def test_logistic_gradients_are_finite_at_the_edges():
         total = tf.reduce_sum(vu.discretized_logistic_log_prob(x, loc, log_scale))
     for gradient in tape.gradient(total, [loc, log_scale]):
         assert np.all(np.isfinite(gradient.numpy()))
+
+
+def reconstruction_log_prob(config, x, decoder_output, training=False):
+    """`ExtendedCVAE.reconstruction_log_prob` for a config alone (it reads nothing else of the model)."""
+    return vu.ExtendedCVAE.reconstruction_log_prob(types.SimpleNamespace(config=config), x, decoder_output, training)
 
 
 def ar_inputs(height=4, width=4, channels=3, seed=0):
@@ -143,14 +147,13 @@ def test_autoregressive_greedy_decode_is_the_location_map():
 
 def test_autoregressive_logistic_sums_to_the_first_pixel_probability():
     """A 1 x 2 grey image: summing p(x0, x1) over the 256 levels of x1 leaves p(x0), in closed form."""
-    config = vu.VAEConfig(img_size=2, channels=1, latent_dim=2, num_convolutions=1, likelihood="logistic_ar")
+    config = vu.ExtendedVAEConfig(img_size=2, channels=1, latent_dim=2, num_convolutions=1, likelihood="logistic_ar")
     rng = np.random.default_rng(2)
     raw = rng.normal(size=(1, 1, 2, config.decoder_outputs)).astype(np.float32)  # one image row of two pixels
     output = tf.constant(np.repeat(raw, 256, axis=0))
     first_level = 180
     x = np.stack([np.full(256, first_level / 255.0), LEVELS], -1).reshape(256, 1, 2, 1).astype(np.float32)
-    model = types.SimpleNamespace(config=config)
-    joint = vu.reconstruction_log_prob(model, tf.constant(x), output).numpy().astype(float)
+    joint = reconstruction_log_prob(config, tf.constant(x), output).numpy().astype(float)
     loc_first = 2.0 / (1.0 + math.exp(-raw[0, 0, 0, 0])) - 1.0
     # The first pixel sees no residual, so its location is the mean model's; its scale is the autoregressive one.
     first = level_log_probs(loc_first, raw[0, 0, 0, 2] - vu.LOGISTIC_LOG_SCALE_SHIFT)[first_level]
@@ -158,18 +161,16 @@ def test_autoregressive_logistic_sums_to_the_first_pixel_probability():
 
 
 def test_autoregressive_training_adds_the_mean_model_which_alone_trains_the_locations():
-    config = vu.VAEConfig(img_size=4, channels=3, latent_dim=2, num_convolutions=1, likelihood="logistic_ar")
-    model = types.SimpleNamespace(config=config)
+    config = vu.ExtendedVAEConfig(img_size=4, channels=3, latent_dim=2, num_convolutions=1, likelihood="logistic_ar")
     rng = np.random.default_rng(3)
     output = tf.constant(rng.normal(size=(2, 4, 4, config.decoder_outputs)), tf.float32)
     x = tf.constant(rng.integers(0, 256, (2, 4, 4, 3)) / 255.0, tf.float32)
-    mean_model = types.SimpleNamespace(config=vu.VAEConfig(img_size=4, channels=3, num_convolutions=1,
-                                                           likelihood="logistic"))
-    factorized = vu.reconstruction_log_prob(mean_model, x, output[..., :6])  # locations and their log-scales
+    mean_model = dataclasses.replace(config, likelihood="logistic")
+    factorized = reconstruction_log_prob(mean_model, x, output[..., :6])  # locations and their log-scales
     with tf.GradientTape(persistent=True) as tape:
         tape.watch(output)
-        autoregressive = vu.reconstruction_log_prob(model, x, output)
-        both = vu.reconstruction_log_prob(model, x, output, training=True)
+        autoregressive = reconstruction_log_prob(config, x, output)
+        both = reconstruction_log_prob(config, x, output, training=True)
     np.testing.assert_allclose(both.numpy(), (autoregressive + factorized).numpy(), rtol=1e-6)
     gradient = tape.gradient(autoregressive, output).numpy()
     assert np.all(gradient[..., :3] == 0.0)  # no gradient from the neighbours' prediction into the locations
@@ -181,15 +182,16 @@ def test_autoregressive_training_adds_the_mean_model_which_alone_trains_the_loca
 @pytest.mark.parametrize("channels", [1, 3])
 def test_autoregressive_decoder_shapes(channels):
     vu.set_seed(0)
-    config = vu.VAEConfig(img_size=8, channels=channels, latent_dim=2, num_convolutions=1, filters=4,
-                          likelihood="logistic_ar")
-    model = vu.CVAE(config)
+    config = vu.ExtendedVAEConfig(img_size=8, channels=channels, latent_dim=2, num_convolutions=1, filters=4,
+                                  likelihood="logistic_ar")
+    model = vu.ExtendedCVAE(config)
+    assert isinstance(model.decoder.layers[-1], vu.AutoregressiveHead)
     per_channel = 3 + (len(vu.AR_NEIGHBOURS) + 1) * channels  # location, 2 log-scales, a coefficient per residual
     assert model.decode(tf.zeros((2, 2))).shape == (2, 8, 8, channels * per_channel)
     sample = model.sample(num_samples=2).numpy()
     assert sample.shape == (2, 8, 8, channels) and sample.min() >= 0.0 and sample.max() <= 1.0
     x = tf.random.uniform((2, 8, 8, channels), seed=1)
-    assert vu.compute_loss(model, x).shape == ()
+    assert vu.KLWarmup()(model, x).shape == ()
 
 
 # --- resize-convolution decoder --------------------------------------------------------------------------------------
@@ -198,9 +200,10 @@ def test_autoregressive_decoder_shapes(channels):
     (28, 1, 2, "bernoulli", 1), (32, 3, 3, "bernoulli", 3), (32, 3, 2, "logistic", 6), (28, 1, 2, "logistic", 2)])
 def test_resize_decoder_output_shapes(img_size, channels, num_convolutions, likelihood, outputs):
     vu.set_seed(0)
-    config = vu.VAEConfig(img_size=img_size, channels=channels, latent_dim=3, num_convolutions=num_convolutions,
-                          filters=4, upsampling="resize", likelihood=likelihood)
-    model = vu.CVAE(config)
+    config = vu.ExtendedVAEConfig(img_size=img_size, channels=channels, latent_dim=3,
+                                  num_convolutions=num_convolutions, filters=4, upsampling="resize",
+                                  likelihood=likelihood)
+    model = vu.ExtendedCVAE(config)
     assert model.decode(tf.zeros((2, 3))).shape == (2, img_size, img_size, outputs)
     assert model.sample(num_samples=2).shape == (2, img_size, img_size, channels)
     x = tf.random.uniform((2, img_size, img_size, channels), seed=1)
@@ -212,11 +215,103 @@ def test_resize_decoder_output_shapes(img_size, channels, num_convolutions, like
 
 
 def test_transpose_decoder_has_strided_transposed_convolutions():
-    model = vu.CVAE(vu.VAEConfig(img_size=32, channels=3, num_convolutions=3, filters=4))
+    model = vu.ExtendedCVAE(vu.ExtendedVAEConfig(img_size=32, channels=3, num_convolutions=3, filters=4))
     strided = [layer for layer in model.decoder.layers if type(layer).__name__ == "Conv2DTranspose"
                and layer.strides == (2, 2)]
     assert len(strided) == 3
     assert model.decode(tf.zeros((1, 2))).shape == (1, 32, 32, 3)
+
+
+# --- ExtendedVAEConfig / ExtendedCVAE --------------------------------------------------------------------------------
+
+def extended_config(**changes) -> vu.ExtendedVAEConfig:
+    return vu.ExtendedVAEConfig(**{**dataclasses.asdict(TINY_CONFIG), **changes})
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(upsampling="bilinear"), "upsampling='bilinear'"),
+    (dict(likelihood="gaussian"), "likelihood='gaussian'"),
+    (dict(spatial_latent=1), "spatial_latent=1"),
+    (dict(spatial_latent=True, latent_dim=50), "latent_dim divisible by grid_size**2 = 49"),
+    (dict(spatial_latent=True, latent_dim=98, encoder_padding="valid"), "must use encoder_padding='same'"),
+    (dict(latent_dim=0), "latent_dim=0"),  # the homework's checks still apply
+])
+def test_extended_config_rejects(changes, message):
+    with pytest.raises(ValueError) as error:
+        extended_config(**changes)
+    assert message in str(error.value)
+
+
+def test_extended_cvae_with_bernoulli_likelihood_is_the_homework_cvae(mnist_like):
+    """Same layers, same weights: the same logits, and the same loss as the homework's CVAE, epsilon for epsilon."""
+    vu.set_seed(0)
+    homework = vu.CVAE(TINY_CONFIG)
+    model = vu.ExtendedCVAE(extended_config())
+    assert [type(layer) for layer in model.decoder.layers] == [type(layer) for layer in homework.decoder.layers]
+    model.set_weights(homework.get_weights())
+    x = tf.constant(mnist_like[0][:16])
+    z = tf.random.normal((16, 2))
+    np.testing.assert_allclose(model.decode(z).numpy(), homework.decode(z).numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(model.sample(z).numpy(), homework.sample(z).numpy(), rtol=1e-6, atol=1e-6)
+    losses = []
+    for loss_fn, m in [(vu.compute_loss, homework), (vu.compute_loss, model), (vu.KLWarmup(), model)]:
+        tf.random.set_seed(11)
+        losses.append(float(loss_fn(m, x)))
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6) and losses[2] == pytest.approx(losses[0], rel=1e-6)
+    logits = homework.decode(z)
+    np.testing.assert_allclose(vu.reconstruction_log_prob(model, x, logits).numpy(),
+                               vu.reconstruction_log_prob(homework, x, logits).numpy(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("changes, channels_out", [
+    (dict(likelihood="logistic"), 6), (dict(upsampling="resize"), 3), (dict(num_convolutions=3), 3),
+    (dict(encoder_padding="valid"), 3)])
+def test_variants_keep_image_shape(seeded, changes, channels_out):
+    model = vu.ExtendedCVAE(vu.ExtendedVAEConfig(img_size=32, channels=3, latent_dim=4, **{**TINY, **changes}))
+    x = tf.random.uniform((2, 32, 32, 3))
+    assert model(x).shape == (2, 32, 32, channels_out)  # logistic: location and log-scale per channel
+    assert model.sample(num_samples=2).shape == (2, 32, 32, 3)
+
+
+@pytest.mark.parametrize("img_size, channels, latent_dim, upsampling", [(28, 1, 98, "transpose"),
+                                                                        (32, 3, 128, "resize")])
+def test_spatial_latent_shapes(seeded, img_size, channels, latent_dim, upsampling):
+    config = vu.ExtendedVAEConfig(img_size=img_size, channels=channels, latent_dim=latent_dim, spatial_latent=True,
+                                  upsampling=upsampling, **TINY)
+    model = vu.ExtendedCVAE(config)
+    x = tf.random.uniform((3, img_size, img_size, channels))
+    mean, logvar = model.encode(x)
+    assert mean.shape == logvar.shape == (3, latent_dim)
+    assert model.decode(mean).shape == (3, img_size, img_size, channels)
+    assert model.sample(num_samples=2).shape == (2, img_size, img_size, channels)
+    assert not [layer for layer in model.decoder.layers if isinstance(layer, tf.keras.layers.Dense)]
+
+
+def test_spatial_latent_splits_mean_and_logvar_by_channel_and_keeps_locality(seeded):
+    """The first half of the code holds the mean maps, and a code cell only sees (and shapes) its part of the image."""
+    model = vu.ExtendedCVAE(vu.ExtendedVAEConfig(img_size=32, channels=3, latent_dim=128, spatial_latent=True,
+                                                 **TINY))  # 8 x 8 grid, 2 channels per cell
+    head = model.encoder.layers[-3]  # the Conv2D that outputs 2 mean and 2 log-variance maps
+    kernel, bias = head.get_weights()
+    head.set_weights([np.zeros_like(kernel), np.array([1.0, 2.0, -3.0, -4.0], np.float32)])
+    mean, logvar = model.encode(tf.zeros((1, 32, 32, 3)))
+    np.testing.assert_allclose(mean.numpy().reshape(2, 64), [[1.0] * 64, [2.0] * 64])
+    bound = model.config.logvar_bound
+    np.testing.assert_allclose(logvar.numpy().reshape(2, 64), bound * np.tanh(np.array([[-3.0], [-4.0]]) / bound)
+                               * np.ones((2, 64)), rtol=1e-6)
+    head.set_weights([kernel, bias])
+    x = tf.random.uniform((1, 32, 32, 3), seed=2)
+    changed = tf.tensor_scatter_nd_update(x, [[0, 31, 31, 0]], [5.0])  # one pixel in the bottom-right corner
+    difference = (model.encode(changed)[0] - model.encode(x)[0]).numpy().reshape(2, 8, 8)
+    assert np.abs(difference[:, :4, :4]).max() == 0.0 and np.abs(difference).max() > 0.0
+
+
+@pytest.mark.parametrize("likelihood", ["logistic", "logistic_ar"])
+def test_gradients_of_the_extended_likelihoods(seeded, likelihood):
+    model = vu.ExtendedCVAE(vu.ExtendedVAEConfig(img_size=32, channels=3, latent_dim=3, likelihood=likelihood,
+                                                 upsampling="resize", **TINY))
+    images, _ = synthetic_images(8, 32, 3)
+    assert_gradients_reach_every_variable(model, vu.KLWarmup(), tf.constant(images))
 
 
 # --- KL warm-up ------------------------------------------------------------------------------------------------------
@@ -229,8 +324,17 @@ def test_kl_warmup_schedule_values():
     assert float(warmup.kl_weight.numpy()) == pytest.approx(0.5)
     assert vu.KLWarmup(0).weight(1) == 1.0  # no warm-up: the plain ELBO from the first epoch
     for bad in (-1, 1.5, True, "2"):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="warmup_epochs="):
             vu.KLWarmup(bad)
+
+
+def test_kl_warmup_description_is_stable():
+    """The description names the schedule only, not the weight it has reached: a resumed run keeps its signature."""
+    warmup = vu.KLWarmup(5)
+    before = warmup.description
+    warmup.start_epoch(3)
+    assert before == warmup.description == vu.KLWarmup(5).description == "KLWarmup(warmup_epochs=5)"
+    assert vu.KLWarmup(4).description != before
 
 
 def test_kl_warmup_loss_interpolates_between_reconstruction_and_elbo():
@@ -261,7 +365,8 @@ def test_main_train_loop_applies_the_warmup_weight_each_epoch():
     images = np.random.default_rng(0).random((16, 8, 8, 1)).astype(np.float32)
     loss_fn = _WeightAsLoss(2)
     seen = []
-    history = vu.main_train_loop(model, images, images[:8], epochs=3, batch_size=8, loss_fn=loss_fn, verbose=False,
+    history = vu.main_train_loop(model, images, images[:8], vu.TrainConfig(epochs=3, batch_size=8), loss_fn,
+                                 verbose=False,
                                  on_epoch_end=lambda epoch, m, row: seen.append(float(loss_fn.kl_weight.numpy())))
     expected = [1 / 3, 2 / 3, 1.0]
     assert seen == pytest.approx(expected)
@@ -357,3 +462,58 @@ def test_plot_latent_moments_returns_figure():
     figure = vu.plot_latent_moments(summaries)
     assert isinstance(figure, Figure)
     assert len(figure.axes[1].lines) == 3  # two models and the prior's variance
+
+
+# --- The MMD weight sweep ----------------------------------------------------------------------------------------------
+
+def test_prior_mmd_noise_floor_is_the_mmd_of_two_prior_samples():
+    floor = vu.prior_mmd_noise_floor(300, 4, seed=2)
+    expected = vu.mmd_to_prior(np.random.default_rng(3).standard_normal((300, 4)), seed=2)
+    assert floor == pytest.approx(expected, rel=1e-12) and floor > 0.0
+    assert vu.prior_mmd_noise_floor(3000, 4) < vu.prior_mmd_noise_floor(100, 4)  # a biased estimator: ~1/N
+
+
+@pytest.mark.parametrize("mmds, chosen", [
+    ((0.5, 0.03, 0.01, 0.015), 10.0),  # the smallest weight within 2 x the floor (0.02 * 2)
+    ((0.5, 0.3, 0.2, 0.25), 100.0),  # none within: the weight closest to the prior
+])
+def test_choose_mmd_weight(mmds, chosen):
+    sweep = [{"mmd_weight": weight, "mmd_to_prior": mmd} for weight, mmd in zip((1.0, 10.0, 100.0, 1000.0), mmds)]
+    assert vu.choose_mmd_weight(sweep, noise_floor=0.02) == chosen
+
+
+def test_mmd_weight_sweep_trains_one_model_per_weight_and_chooses(capsys, tmp_path):
+    images = (tiny_images(48, seed=4) > 0.5).astype(np.float32)
+    labels = np.arange(48) % 2
+    data = vu.DataSplits("mnist", images[:32], labels[:32], images[32:], labels[32:])
+    config = vu.TrainConfig(epochs=1, batch_size=16)
+    model_config = vu.VAEConfig(img_size=8, latent_dim=2, num_convolutions=1, filters=4)
+    sweep = vu.mmd_weight_sweep([1.0, 100.0], model_config, data, config, checkpoint_root=str(tmp_path),
+                                num_codes=12)
+    assert [row["mmd_weight"] for row in sweep.rows] == [1.0, 100.0]
+    for row in sweep.rows:
+        assert {"psnr_db", "test_elbo", "mmd_to_prior"} <= set(row)
+        assert math.isfinite(row["psnr_db"]) and row["mmd_to_prior"] >= 0.0
+    assert list(sweep.models) == ["weight 1", "weight 100"]
+    assert all(isinstance(model, vu.CVAE) for model in sweep.models.values())
+    assert sweep.noise_floor == pytest.approx(vu.prior_mmd_noise_floor(12, 2))
+    assert sweep.chosen_weight == vu.choose_mmd_weight(sweep.rows, sweep.noise_floor)
+    assert len([folder for folder in tmp_path.iterdir() if folder.is_dir()]) == 2  # a checkpoint per weight
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert len(printed) == 2 and printed[0].startswith("MMD weight 1: PSNR ")
+    figure = vu.plot_mmd_sweep(sweep)
+    assert isinstance(figure, Figure) and len(figure.axes) == 2
+    assert any(line.get_label() == f"chosen: {sweep.chosen_weight:g}" for line in figure.axes[1].lines)
+    for bad in ([], [1.0, -1.0]):
+        with pytest.raises(ValueError, match="weights is empty|mmd_weight="):
+            vu.mmd_weight_sweep(bad, model_config, data, config)
+
+
+def test_elbo_vs_mmd_table_has_one_column_per_model():
+    metrics = {"test_elbo": -100.0, "iwae_nll_nats": 98.0, "psnr_db": 15.0, "active_units": 2, "probe_accuracy": 0.9}
+    codes = {"mmd_to_prior": 0.01, "mean_abs_mean": 0.1, "mean_variance": 0.9, "moment_kl_nats": 0.2,
+             "mean_posterior_std": 0.3}
+    table = vu.elbo_vs_mmd_table({"ELBO": metrics, "MMD": {**metrics, "psnr_db": 17.0}},
+                                 {"ELBO": codes, "MMD": {**codes, "mmd_to_prior": 0.001}})
+    assert list(table.columns) == ["ELBO", "MMD"] and len(table) == 10
+    assert table.loc["PSNR (dB)", "MMD"] == 17.0 and table.loc["MMD^2(q(z), N(0, I))", "ELBO"] == 0.01

@@ -2692,12 +2692,13 @@ def prior_mmd_noise_floor(num_codes: int, latent_dim: int, seed: int = 0) -> flo
 
 @dataclasses.dataclass
 class MMDSweep:
-    """The rows of `mmd_weight_sweep` (weight, PSNR, ELBO, MMD^2 of the codes to the prior), the floor, the choice."""
+    """What `mmd_weight_sweep` measured: a row per MMD weight and one for the ELBO reference, and the chosen weight."""
 
-    rows: list[dict]
-    noise_floor: float
+    rows: list[dict]  # mmd_weight, psnr_db, test_elbo, mmd_to_prior: one per weight
+    reference: dict  # the same measures of an ELBO model trained the same way
+    noise_floor: float  # MMD^2 of two samples of N(0, I) of the same size
     chosen_weight: float
-    models: dict[str, CVAE]  # by "weight <w>"
+    models: dict[str, CVAE]  # "ELBO" and "weight <w>"
     histories: dict[str, list[dict]]
 
     @property
@@ -2707,13 +2708,13 @@ class MMDSweep:
 
 def mmd_weight_sweep(weights: Sequence[float], model_config: VAEConfig, data: DataSplits, config: TrainConfig, *,
                      strategy=None, checkpoint_root: str | None = None, num_codes: int = 2000) -> MMDSweep:
-    """Train one MMD model per weight on `data` and choose the weight (see `choose_mmd_weight`).
+    """Train an ELBO model and one MMD model per weight on `data`, alike, and choose the weight (`choose_mmd_weight`).
 
-    Each model is scored by the PSNR of its reconstructions of `num_codes` test images and by the MMD^2 of their codes
+    Each model is measured by the PSNR of its reconstructions of `num_codes` test images and by the MMD^2 of their codes
     z ~ q(z|x) to as many prior samples.
     """
     weights = list(_check_nonempty("weights", weights))
-    losses = [MMDLoss(weight) for weight in weights]  # checks every weight before any training
+    losses = [compute_loss] + [MMDLoss(weight) for weight in weights]  # checks every weight before any training
     if not isinstance(model_config, VAEConfig):
         raise TypeError(f"model_config must be a VAEConfig, got {type(model_config).__name__}")
     if not isinstance(data, DataSplits):
@@ -2725,53 +2726,67 @@ def mmd_weight_sweep(weights: Sequence[float], model_config: VAEConfig, data: Da
     test_images = data.test_images[:num_codes]
     rows, models, histories = [], {}, {}
     for loss in losses:
-        name = f"weight {loss.mmd_weight:g}"
+        name = "ELBO" if loss is compute_loss else f"weight {loss.mmd_weight:g}"
         model = build_model(model_config, config, strategy)
         checkpoint_dir = None if checkpoint_root is None else os.path.join(checkpoint_root, slug(name))
         history = main_train_loop(model, data.train_images, data.test_images, config, loss, strategy=strategy,
                                   checkpoint_dir=checkpoint_dir, verbose=False)
-        row = {"mmd_weight": loss.mmd_weight, "psnr_db": psnr(test_images, reconstruct(model, test_images)),
-               "test_elbo": history[-1]["test_elbo"],
+        row = {"mmd_weight": getattr(loss, "mmd_weight", None),
+               "psnr_db": psnr(test_images, reconstruct(model, test_images)), "test_elbo": history[-1]["test_elbo"],
                "mmd_to_prior": mmd_to_prior(aggregate_posterior_samples(model, test_images))}
-        print(f"MMD weight {loss.mmd_weight:g}: PSNR {row['psnr_db']:.2f} dB, test ELBO {row['test_elbo']:.1f} nats, "
-              f"MMD^2 of the codes to N(0, I) {row['mmd_to_prior']:.2e} "
-              f"(trained in {sum(r['seconds'] for r in history):.0f} s)")
+        print(f"{'ELBO loss' if loss is compute_loss else f'MMD weight {loss.mmd_weight:g}'}: PSNR "
+              f"{row['psnr_db']:.2f} dB, test ELBO {row['test_elbo']:.1f} nats, MMD^2 of the codes to N(0, I) "
+              f"{row['mmd_to_prior']:.2e} (trained in {sum(r['seconds'] for r in history):.0f} s)")
         rows.append(row)
         models[name], histories[name] = model, history
+    reference, rows = rows[0], rows[1:]
     noise_floor = prior_mmd_noise_floor(len(test_images), model_config.latent_dim)
-    return MMDSweep(rows, noise_floor, choose_mmd_weight(rows, noise_floor), models, histories)
+    return MMDSweep(rows, reference, noise_floor, choose_mmd_weight(rows, reference["mmd_to_prior"]), models,
+                    histories)
 
 
-def choose_mmd_weight(rows: Sequence[dict], noise_floor: float) -> float:
-    """The smallest weight whose codes are as close to N(0, I) as a second prior sample is (MMD^2 <= 2 x the floor).
+def choose_mmd_weight(rows: Sequence[dict], reference_mmd: float) -> float:
+    """The smallest weight whose codes are at least as close to N(0, I) as the ELBO model's (MMD^2 <= reference).
 
-    A smaller weight favours reconstruction, a larger one the match to the prior; this takes the best reconstruction
-    among the weights whose codes a sampler cannot tell from the prior. Without one, the weight closest to the prior.
+    A larger weight pulls the codes closer to the prior at the cost of reconstruction, and past a point the encoder
+    gives up on the image (every q(z|x) becomes N(0, I), which matches the prior and carries nothing). So this takes
+    the least weight at which the MMD term does at least the KL term's job on the aggregate codes; when no weight
+    does, the one whose codes come closest.
     """
     if not rows or not all(isinstance(row, Mapping) and {"mmd_weight", "mmd_to_prior"} <= set(row) for row in rows):
         raise ValueError("rows must be non-empty rows with 'mmd_weight' and 'mmd_to_prior', as mmd_weight_sweep makes")
-    noise_floor = _check_number("noise_floor", noise_floor, minimum=0.0)
-    matching = [row for row in rows if row["mmd_to_prior"] <= 2.0 * noise_floor]
-    if matching:
-        return min(row["mmd_weight"] for row in matching)
-    return min(rows, key=lambda row: row["mmd_to_prior"])["mmd_weight"]
+    reference_mmd = _check_number("reference_mmd", reference_mmd, minimum=0.0)
+    matching = [row["mmd_weight"] for row in rows if row["mmd_to_prior"] <= reference_mmd]
+    return min(matching) if matching else min(rows, key=lambda row: row["mmd_to_prior"])["mmd_weight"]
 
 
 def plot_mmd_sweep(sweep: MMDSweep, title: str = "MMD weight sweep", path: str | None = None) -> Figure:
-    """Reconstruction PSNR and the codes' MMD^2 to the prior against the MMD weight, the chosen weight marked."""
+    """Reconstruction (PSNR) against the codes' MMD^2 to the prior, one point per weight and one for the ELBO model,
+    and MMD^2 against the weight."""
     if not isinstance(sweep, MMDSweep) or not sweep.rows:
-        raise ValueError(f"sweep must be a non-empty MMDSweep (the result of mmd_weight_sweep), got {sweep!r:.80}")
+        raise ValueError(f"sweep must be a non-empty MMDSweep (the result of mmd_weight_sweep), got {_short(sweep)}")
     weights = [row["mmd_weight"] for row in sweep.rows]
-    figure = Figure(figsize=(11, 3.6), layout="constrained")
-    psnr_axis, mmd_axis = figure.subplots(1, 2)
-    psnr_axis.plot(weights, [row["psnr_db"] for row in sweep.rows], marker="o")
-    psnr_axis.set(xscale="log", xlabel="MMD weight", ylabel="test PSNR (dB)", title="reconstruction")
-    mmd_axis.plot(weights, [row["mmd_to_prior"] for row in sweep.rows], marker="o", label="test codes")
+    mmds = [row["mmd_to_prior"] for row in sweep.rows]
+    psnrs = [row["psnr_db"] for row in sweep.rows]
+    reference = sweep.reference
+    figure = Figure(figsize=(11, 3.8), layout="constrained")
+    trade_axis, mmd_axis = figure.subplots(1, 2)
+    trade_axis.plot(mmds, psnrs, marker="o", label="MMD loss (labels: weights)")
+    for weight, mmd, value in zip(weights, mmds, psnrs):
+        trade_axis.annotate(f"{weight:g}", (mmd, value), xytext=(4, 4), textcoords="offset points", fontsize=8,
+                            color="C3" if weight == sweep.chosen_weight else "black")
+    trade_axis.scatter([reference["mmd_to_prior"]], [reference["psnr_db"]], marker="*", s=160, color="C2",
+                       label="ELBO loss", zorder=3)
+    trade_axis.set(xscale="log", xlabel="MMD^2 of the test codes to N(0, I)", ylabel="test PSNR (dB)",
+                   title="reconstruction against the match to the prior")
+    trade_axis.legend(fontsize=8)
+    mmd_axis.plot(weights, mmds, marker="o", label="MMD models' codes")
+    mmd_axis.axhline(reference["mmd_to_prior"], color="C2", lw=1.5, label="ELBO model's codes")
     mmd_axis.axhline(sweep.noise_floor, color="black", ls="--", lw=1, label="two samples of N(0, I)")
+    mmd_axis.axvline(sweep.chosen_weight, color="C3", lw=1, label=f"chosen: {sweep.chosen_weight:g}")
     mmd_axis.set(xscale="log", yscale="log", xlabel="MMD weight", ylabel="MMD^2 to N(0, I)",
                  title="distance of the codes to the prior")
-    for axis in (psnr_axis, mmd_axis):
-        axis.axvline(sweep.chosen_weight, color="C3", lw=1, label=f"chosen: {sweep.chosen_weight:g}")
+    for axis in (trade_axis, mmd_axis):
         axis.grid(alpha=0.3)
     mmd_axis.legend(fontsize=8)
     figure.suptitle(title)

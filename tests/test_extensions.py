@@ -474,12 +474,13 @@ def test_prior_mmd_noise_floor_is_the_mmd_of_two_prior_samples():
 
 
 @pytest.mark.parametrize("mmds, chosen", [
-    ((0.5, 0.03, 0.01, 0.015), 10.0),  # the smallest weight within 2 x the floor (0.02 * 2)
-    ((0.5, 0.3, 0.2, 0.25), 100.0),  # none within: the weight closest to the prior
+    ((0.5, 0.03, 0.01, 0.001), 100.0),  # the smallest weight at or below the ELBO model's 0.01
+    ((0.005, 0.03, 0.01, 0.001), 1.0),  # already the smallest
+    ((0.5, 0.3, 0.2, 0.25), 100.0),  # none: the weight whose codes come closest
 ])
-def test_choose_mmd_weight(mmds, chosen):
+def test_choose_mmd_weight_takes_the_smallest_weight_that_matches_the_elbo_model(mmds, chosen):
     sweep = [{"mmd_weight": weight, "mmd_to_prior": mmd} for weight, mmd in zip((1.0, 10.0, 100.0, 1000.0), mmds)]
-    assert vu.choose_mmd_weight(sweep, noise_floor=0.02) == chosen
+    assert vu.choose_mmd_weight(sweep, reference_mmd=0.01) == chosen
 
 
 def test_mmd_weight_sweep_trains_one_model_per_weight_and_chooses(capsys, tmp_path):
@@ -494,13 +495,14 @@ def test_mmd_weight_sweep_trains_one_model_per_weight_and_chooses(capsys, tmp_pa
     for row in sweep.rows:
         assert {"psnr_db", "test_elbo", "mmd_to_prior"} <= set(row)
         assert math.isfinite(row["psnr_db"]) and row["mmd_to_prior"] >= 0.0
-    assert list(sweep.models) == ["weight 1", "weight 100"]
+    assert list(sweep.models) == ["ELBO", "weight 1", "weight 100"]
     assert all(isinstance(model, vu.CVAE) for model in sweep.models.values())
     assert sweep.noise_floor == pytest.approx(vu.prior_mmd_noise_floor(12, 2))
-    assert sweep.chosen_weight == vu.choose_mmd_weight(sweep.rows, sweep.noise_floor)
-    assert len([folder for folder in tmp_path.iterdir() if folder.is_dir()]) == 2  # a checkpoint per weight
+    assert sweep.chosen_weight == vu.choose_mmd_weight(sweep.rows, sweep.reference["mmd_to_prior"])
+    assert {"psnr_db", "test_elbo", "mmd_to_prior"} <= set(sweep.reference) and sweep.reference["mmd_weight"] is None
+    assert len([folder for folder in tmp_path.iterdir() if folder.is_dir()]) == 3  # a checkpoint per model
     printed = capsys.readouterr().out.strip().splitlines()
-    assert len(printed) == 2 and printed[0].startswith("MMD weight 1: PSNR ")
+    assert len(printed) == 3 and printed[0].startswith("ELBO loss: PSNR ") and printed[1].startswith("MMD weight 1: PSNR ")
     figure = vu.plot_mmd_sweep(sweep)
     assert isinstance(figure, Figure) and len(figure.axes) == 2
     assert any(line.get_label() == f"chosen: {sweep.chosen_weight:g}" for line in figure.axes[1].lines)

@@ -207,16 +207,22 @@ BAD_INPUTS = {
 }
 
 
-@pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_input_gets_a_clear_one_line_error_before_tensorflow_work(case, model, tmp_path, monkeypatch):
-    call, exception, expected = BAD_INPUTS[case]
+def assert_refused_before_tensorflow_work(case, model, tmp_path, monkeypatch):
+    """`case` = (call, exception, strings): the call raises `exception` with one short line naming the strings."""
+    call, exception, expected = case
     inputs = Inputs(tmp_path, model)
     with no_tensorflow_work(monkeypatch), pytest.raises(exception) as error:
         call(inputs)
     message = str(error.value)
+    assert type(error.value) is exception or exception is ValueError, type(error.value)
     assert "\n" not in message and len(message) < 400, message
     for text in expected:
         assert text in message, f"{text!r} not in {message!r}"
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_gets_a_clear_one_line_error_before_tensorflow_work(case, model, tmp_path, monkeypatch):
+    assert_refused_before_tensorflow_work(BAD_INPUTS[case], model, tmp_path, monkeypatch)
 
 
 def test_the_no_tensorflow_guard_catches_work(model, tmp_path, monkeypatch):
@@ -1090,15 +1096,7 @@ BAD_ARGUMENTS = {
 
 @pytest.mark.parametrize("case", list(BAD_ARGUMENTS))
 def test_bad_argument_is_refused_naming_it_before_tensorflow_work(case, model, tmp_path, monkeypatch):
-    call, exception, expected = BAD_ARGUMENTS[case]
-    inputs = Inputs(tmp_path, model)
-    with no_tensorflow_work(monkeypatch), pytest.raises(exception) as error:
-        call(inputs)
-    message = str(error.value)
-    assert type(error.value) is exception or exception is ValueError, type(error.value)
-    assert "\n" not in message and len(message) < 400, message
-    for text in expected:
-        assert text in message, f"{text!r} not in {message!r}"
+    assert_refused_before_tensorflow_work(BAD_ARGUMENTS[case], model, tmp_path, monkeypatch)
 
 
 def test_numpy_scalars_are_the_numbers_they_are(model, tmp_path):

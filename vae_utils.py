@@ -831,7 +831,7 @@ def _raise_if_not_finite(losses: np.ndarray, epoch: int, done: int, steps_per_ep
     if bad.size:
         raise NonFiniteLossError(f"loss became {losses[bad[0]]} at epoch {epoch}, step {done + bad[0] + 1} of "
                                  f"{steps_per_epoch}; training stopped"
-                                 + (f" (last checkpoint: epoch {epoch - 1})" if checkpoint_dir else "")
+                                 + (f" (last checkpoint: epoch {epoch - 1})" if checkpoint_dir and epoch > 1 else "")
                                  + ". Lower the learning rate or check the inputs"
                                  + ("; to continue from that checkpoint with a lower learning rate, pass "
                                     "allow_new_settings=True" if checkpoint_dir and epoch > 1 else "") + ".")

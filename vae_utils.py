@@ -320,10 +320,22 @@ def _check_codes(name: str, codes, min_rows: int = 1) -> np.ndarray:
     return array.astype(np.float64, copy=False)
 
 
+def _check_type(name: str, value, kind: type, source: str = ""):
+    """Return `value` after checking it is a `kind`; else a TypeError naming the argument (and where one comes from)."""
+    if not isinstance(value, kind):
+        hint = f" (see {source})" if source else ""
+        raise TypeError(f"{name} must be a {kind.__name__}{hint}, got {type(value).__name__}")
+    return value
+
+
 def _check_model(name: str, model):
-    if not isinstance(model, CVAE):
-        raise TypeError(f"{name} must be a CVAE (see build_model), got {type(model).__name__}")
-    return model
+    return _check_type(name, model, CVAE, "build_model")
+
+
+def _check_strategy(strategy):
+    if strategy is not None and not isinstance(strategy, tf.distribute.Strategy):
+        raise TypeError(f"strategy={strategy!r} must be a tf.distribute.Strategy (see get_strategy) or None")
+    return strategy
 
 
 def decoder_grid_size(img_size: int, num_convolutions: int, strides: int) -> int:
@@ -441,9 +453,7 @@ class CVAE(tf.keras.Model):
 
 def set_seed(seed: int) -> None:
     """Seed Python, NumPy and TensorFlow so that weights, shuffles and samples repeat."""
-    if not _is_int(seed) or seed < 0:
-        raise ValueError(f"seed={seed!r} must be an integer >= 0")
-    tf.keras.utils.set_random_seed(int(seed))
+    tf.keras.utils.set_random_seed(_check_int("seed", seed, 0))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -534,13 +544,9 @@ class TrainConfig:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision={self.precision!r} must be one of {PRECISIONS}")
         for field in ("epochs", "batch_size", "steps_per_execution", "eval_batch_size"):
-            value = getattr(self, field)
-            if not _is_int(value) or value < 1:
-                raise ValueError(f"{field}={value!r} must be an integer >= 1")
-            object.__setattr__(self, field, int(value))  # a NumPy integer would not survive JSON
-        if not _is_int(self.seed) or self.seed < 0:
-            raise ValueError(f"seed={self.seed!r} must be an integer >= 0")
-        object.__setattr__(self, "seed", int(self.seed))
+            # As plain ints: a NumPy integer would not survive JSON.
+            object.__setattr__(self, field, _check_int(field, getattr(self, field), 1))
+        object.__setattr__(self, "seed", _check_int("seed", self.seed, 0))
         object.__setattr__(self, "learning_rate",
                            _check_number("learning_rate", self.learning_rate, minimum=0.0, inclusive=False))
         if self.lr_schedule not in LR_SCHEDULES:
@@ -676,8 +682,7 @@ def model_precision(model: CVAE) -> str:
 
 def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> tf.keras.optimizers.Optimizer:
     """Adam at the configured learning rate, constant or decayed along a cosine over all the run's steps."""
-    if not isinstance(config, TrainConfig):
-        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+    _check_type("config", config, TrainConfig)
     steps_per_epoch = _check_int("steps_per_epoch", steps_per_epoch, 1)
     if config.lr_schedule == "constant":
         return tf.keras.optimizers.Adam(config.learning_rate)
@@ -793,14 +798,11 @@ def _scalar_loss(loss_fn: Callable, loss):
 
 def _check_training_inputs(model, train_images, test_images, config, loss_fn, strategy):
     """Check everything `main_train_loop` is given before any TensorFlow work; return the images and the strategy."""
-    if not isinstance(model, CVAE):
-        raise TypeError(f"model must be a CVAE, got {type(model).__name__}")
-    if not isinstance(config, TrainConfig):
-        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+    _check_model("model", model)
+    _check_type("config", config, TrainConfig)
     if not callable(loss_fn):
         raise TypeError(f"loss_fn={loss_fn!r} must be callable as loss_fn(model, x)")
-    if strategy is not None and not isinstance(strategy, tf.distribute.Strategy):
-        raise TypeError(f"strategy={strategy!r} must be a tf.distribute.Strategy (see get_strategy) or None")
+    _check_strategy(strategy)
     if (loss_fn is compute_loss or isinstance(loss_fn, MMDLoss)) and getattr(model.config, "likelihood",
                                                                             "bernoulli") != "bernoulli":
         raise ValueError(f"loss_fn={describe_loss(loss_fn)} reads Bernoulli logits, but the model's likelihood is "
@@ -1869,12 +1871,9 @@ def build_model(config: VAEConfig, train_config: TrainConfig = TrainConfig(),
                 strategy: tf.distribute.Strategy | None = None) -> CVAE:
     """Build the model for `config` (a `CVAE`, or an `ExtendedCVAE` for an `ExtendedVAEConfig`): seeded, in the
     strategy's scope, computing in the precision that `train_config.precision` chooses."""
-    if not isinstance(config, VAEConfig):
-        raise TypeError(f"config must be a VAEConfig, got {type(config).__name__}")
-    if not isinstance(train_config, TrainConfig):
-        raise TypeError(f"train_config must be a TrainConfig, got {type(train_config).__name__}")
-    if strategy is not None and not isinstance(strategy, tf.distribute.Strategy):
-        raise TypeError(f"strategy={strategy!r} must be a tf.distribute.Strategy (see get_strategy) or None")
+    _check_type("config", config, VAEConfig)
+    _check_type("train_config", train_config, TrainConfig)
+    _check_strategy(strategy)
     set_seed(train_config.seed)
     model_class = ExtendedCVAE if isinstance(config, ExtendedVAEConfig) else CVAE
     previous_policy = tf.keras.mixed_precision.global_policy()
@@ -1904,8 +1903,7 @@ def train_and_score(name: str, model: CVAE, data: DataSplits, config: TrainConfi
     if not isinstance(name, str) or not slug(name):
         raise ValueError(f"name={name!r} must be a string with a letter or digit (it names the checkpoint folder)")
     _check_model("model", model)
-    if not isinstance(data, DataSplits):
-        raise TypeError(f"data must be a DataSplits (see prepare_data), got {type(data).__name__}")
+    _check_type("data", data, DataSplits, "prepare_data")
     _check_int("iwae_samples", iwae_samples, 1)  # checked now, not after the training
     _check_int("iwae_images", iwae_images, 1)
     checkpoint_root = _check_path("checkpoint_root", checkpoint_root)
@@ -2715,12 +2713,9 @@ def mmd_weight_sweep(weights: Sequence[float], model_config: VAEConfig, data: Da
     """
     weights = list(_check_nonempty("weights", weights))
     losses = [compute_loss] + [MMDLoss(weight) for weight in weights]  # checks every weight before any training
-    if not isinstance(model_config, VAEConfig):
-        raise TypeError(f"model_config must be a VAEConfig, got {type(model_config).__name__}")
-    if not isinstance(data, DataSplits):
-        raise TypeError(f"data must be a DataSplits (see prepare_data), got {type(data).__name__}")
-    if not isinstance(config, TrainConfig):
-        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+    _check_type("model_config", model_config, VAEConfig)
+    _check_type("data", data, DataSplits, "prepare_data")
+    _check_type("config", config, TrainConfig)
     num_codes = _check_int("num_codes", num_codes, 2)
     checkpoint_root = _check_path("checkpoint_root", checkpoint_root)
     test_images = data.test_images[:num_codes]

@@ -416,10 +416,8 @@ class CVAE(tf.keras.Model):
              tf.keras.layers.Reshape((grid, grid, config.filters))]
             + [tf.keras.layers.Conv2DTranspose(width, config.kernel_size, strides=config.strides, padding="same",
                                                activation="relu") for width in reversed(config.widths)]
-            # One logit per pixel and channel; stride 1 keeps the image size. No activation: these are logits,
-            # kept in float32 even under mixed precision because the loss reads them.
-            + [tf.keras.layers.Conv2DTranspose(config.channels, config.kernel_size, strides=1, padding="same",
-                                               dtype="float32")],
+            # One logit per pixel and channel; stride 1 keeps the image size. No activation: these are logits.
+            + [tf.keras.layers.Conv2DTranspose(config.channels, config.kernel_size, strides=1, padding="same")],
             name="decoder")
 
     def encode(self, x):
@@ -435,7 +433,8 @@ class CVAE(tf.keras.Model):
 
     def decode(self, z, apply_sigmoid=False):
         """Return the decoder's logits, or the pixel probabilities sigmoid(logits) when `apply_sigmoid` is true."""
-        logits = self.decoder(z)
+        # Under mixed precision the layers compute in bfloat16 or float16; the loss reads the logits in float32.
+        logits = tf.cast(self.decoder(z), tf.float32)
         if apply_sigmoid:
             return tf.sigmoid(logits)
         return logits

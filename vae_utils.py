@@ -675,7 +675,7 @@ def choose_precision(requested: str = "auto", *, cpu_flags: set[str] | None = No
 
 
 def model_precision(model: CVAE) -> str:
-    """The dtype policy the model's hidden layers compute in (its output layers compute in float32)."""
+    """The dtype policy the model's layers compute in (what the losses read, codes and logits, is float32)."""
     return model.encoder.layers[0].dtype_policy.name
 
 

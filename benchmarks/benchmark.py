@@ -14,9 +14,9 @@ It measures, in one process:
      in the precision `--precision` chooses ("auto" by default, as the notebook);
   3. each step's achieved GFLOP/s against a large matmul in the precision it computes in (float32, bfloat16, float16),
      measured in the same rounds, and a per-layer timing of the step in each precision that shows where the time goes.
-It ends with issue 14's targets, as ratios measured in this run: throughput at equal architecture with the best
-precision against the tutorial's (target at least 1.5x), and time to the tutorial's test ELBO (target at least 8x
-sooner).
+It ends with issue 14's targets, as ratios measured in this run: throughput at equal architecture, the fastest
+project row against the tutorial's (target at least 1.5x; the rows at the tutorial's batch size are printed beside
+it), and time to the tutorial's test ELBO (target at least 8x sooner).
 
 The baseline re-implements https://www.tensorflow.org/tutorials/generative/cvae faithfully: batch 32, Adam 1e-4,
 float32, a `tf.function` step called once per batch from Python, and the test ELBO computed eagerly, batch by batch
@@ -626,13 +626,13 @@ def main(argv=None) -> dict:
           f"runs one path after the other, so other jobs on the machine can favour either in the measured "
           f"seconds; the last two columns price the same epochs at the alternating rates measured above.")
 
-    # Issue 14's targets, from the values measured above: at the project's settings (those of part 2) in the
-    # precision that ran fastest; the fastest project row of all is named too when it is another one.
+    # Issue 14's targets, from the values measured above. Throughput: the fastest project row (any batch size and
+    # precision, the same architecture), and the project's settings of part 2 in their fastest precision beside it.
     best = max(main_rows.values(), key=lambda trainer: paired_ratio(trainer.name, "wall"))
-    throughput_ratio = paired_ratio(best.name, "wall")
     fastest = max((t for t in trainers if isinstance(t, ProjectTrainer)), key=lambda t: paired_ratio(t.name, "wall"))
-    also = (f"; fastest project row: {fastest.name}, {_ratio_text(paired_ratio(fastest.name, 'wall'))}"
-            if fastest is not best else "")
+    throughput_ratio = paired_ratio(fastest.name, "wall")
+    at_settings = (f"; at part 2's settings ({settings}, {best.precision}): "
+                   f"{_ratio_text(paired_ratio(best.name, 'wall'))}" if fastest is not best else "")
     if project_hit:
         sooner = (f"{_ratio_text(time_ratio)} sooner measured, {_ratio_text(estimate_ratio)} at the alternating "
                   f"rates ({project_hit[0]} epoch(s) against {tutorial_hit[0]})")
@@ -641,15 +641,17 @@ def main(argv=None) -> dict:
                   f"measured")
     quick_note = " (--quick: synthetic data, the numbers mean nothing)" if args.quick else ""
     print(f"\nTargets (issue 14), measured in this run{quick_note}:\n"
-          f"- throughput at equal architecture, best precision ({best.precision}; {settings}): "
+          f"- throughput at equal architecture, fastest project row ({fastest.name}): "
           f"{_ratio_text(throughput_ratio)} the tutorial's images/s "
-          f"({_ratio_text(paired_ratio(best.name, 'cpu'))} per CPU-second){also}; target at least 1.50x, ambition 2x\n"
+          f"({_ratio_text(paired_ratio(fastest.name, 'cpu'))} per CPU-second){at_settings}; target at least 1.50x, "
+          f"ambition 2x\n"
           f"- time to the tutorial's {args.tutorial_epochs}-epoch test ELBO ({target:.2f}), {chosen}: {sooner}; "
           f"target at least 8x sooner", flush=True)
     return {"throughput": median, "evaluation": eval_rate, "flops_per_image": flops, "target_elbo": target,
             "precisions": precisions, "chosen_precision": chosen, "profile": profiles,
             "tutorial_history": tutorial_history, "project_history": project_history,
-            "targets": {"throughput_ratio": throughput_ratio, "throughput_path": best.name,
+            "targets": {"throughput_ratio": throughput_ratio, "throughput_path": fastest.name,
+                        "throughput_ratio_at_settings": paired_ratio(best.name, "wall"),
                         "time_ratio": time_ratio if project_hit else None,
                         "estimate_ratio": estimate_ratio if project_hit else None}}
 

@@ -363,10 +363,8 @@ class VAEConfig:
 
     def __post_init__(self):
         for field in ("img_size", "channels", "latent_dim", "num_convolutions", "filters", "kernel_size", "strides"):
-            value = getattr(self, field)
-            if not _is_int(value) or value <= 0:
-                raise ValueError(f"{field}={value!r} must be a positive integer")
-            object.__setattr__(self, field, int(value))  # a NumPy integer would not survive JSON
+            # As plain ints: a NumPy integer would not survive JSON.
+            object.__setattr__(self, field, _check_int(field, getattr(self, field), 1))
         decoder_grid_size(self.img_size, self.num_convolutions, self.strides)
         if self.encoder_padding not in ("same", "valid"):
             raise ValueError(f"encoder_padding={self.encoder_padding!r} must be 'same' or 'valid'")
@@ -646,7 +644,7 @@ def choose_precision(requested: str = "auto", *, cpu_flags: set[str] | None = No
 
     "auto": mixed_bfloat16 on TPUs, on GPUs of compute capability 8.0 or more (A100, L4) and on CPUs with native
     bfloat16 (avx512_bf16 or amx_bf16); mixed_float16, with loss scaling, on GPUs of capability 7.x (T4, V100);
-    float32 otherwise. Variables and the loss stay float32 in every policy (see CVAE.build_decoder).
+    float32 otherwise. Variables and the loss stay float32 in every policy (see CVAE.decode).
     """
     if requested not in PRECISIONS:
         raise ValueError(f"precision={requested!r} must be one of {PRECISIONS}")
@@ -886,19 +884,7 @@ def _write_json_atomically(path: str, payload, what: str | None = None) -> None:
 
     The payload is converted and encoded before any file is touched; a failure leaves no temporary file behind.
     """
-    text = json.dumps(_jsonable(payload, what or os.path.basename(path)), indent=1)
-    folder = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(handle, "w") as stream:
-            stream.write(text + "\n")
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(temporary)
-        raise
+    _write_text_atomically(path, json.dumps(_jsonable(payload, what or os.path.basename(path)), indent=1) + "\n")
 
 
 class _JSONFileError(ValueError):
@@ -1599,7 +1585,7 @@ class CheckpointedRun:
     def save(self, epoch: int, row: dict) -> None:
         """Record epoch `epoch` (the next one): checkpoint with the history inside, then history.json, then delete
         the checkpoints older than the last `KEEP`, only once the new one has been read back completely."""
-        if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch != self.completed_epochs + 1:
+        if not _is_int(epoch) or epoch != self.completed_epochs + 1:
             raise ValueError(f"epoch={epoch!r} must be the next epoch, {self.completed_epochs + 1}")
         if not isinstance(row, dict):
             raise TypeError(f"row={_short(row)} must be a dict of the epoch's values")
@@ -1629,11 +1615,14 @@ class CheckpointedRun:
 
 
 def _write_text_atomically(path: str, text: str) -> None:
+    """Write `text` to `path` through a synced temporary file and a rename; a failure leaves no temporary behind."""
     handle, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
-                                         dir=os.path.dirname(path))
+                                         dir=os.path.dirname(os.path.abspath(path)))
     try:
         with os.fdopen(handle, "w") as stream:
             stream.write(text)
+            stream.flush()
+            os.fsync(stream.fileno())
         os.replace(temporary, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -1818,9 +1807,8 @@ def iwae_log_likelihood(model: CVAE, x, num_samples: int = 64):
 
 def iwae_nll(model: CVAE, images: np.ndarray, num_samples: int = 64, batch_size: int = 50) -> float:
     """Mean negative importance-weighted bound -log p(x) over `images`, in nats."""
-    if not _is_int(num_samples) or num_samples < 1:
-        raise ValueError(f"num_samples={num_samples!r} must be an integer >= 1")
-    return -float(np.mean(map_batches(model, iwae_log_likelihood, images, batch_size, num_samples=int(num_samples))))
+    num_samples = _check_int("num_samples", num_samples, 1)
+    return -float(np.mean(map_batches(model, iwae_log_likelihood, images, batch_size, num_samples=num_samples)))
 
 
 def bits_per_dim(nll_nats: float, dims: int) -> float:
@@ -2017,8 +2005,7 @@ def plot_image_grid(images, ncols: int = 10, titles: Sequence[str] | None = None
         raise ValueError(f"images must be a non-empty (N, H, W, C) array, got shape {images.shape}")
     if not np.issubdtype(images.dtype, np.number) or images.dtype == np.bool_:
         raise TypeError(f"images must hold numbers, got dtype {images.dtype}")
-    if not _is_int(ncols) or ncols < 1:
-        raise ValueError(f"ncols={ncols!r} must be an integer >= 1")
+    ncols = _check_int("ncols", ncols, 1)
     cell = _check_number("cell", cell, minimum=0.0, inclusive=False)
     nrows = math.ceil(len(images) / ncols)
     for argument, labels, count in (("titles", titles, len(images)), ("row_labels", row_labels, nrows)):
@@ -2176,10 +2163,8 @@ def plot_prior_samples(model: CVAE, num_samples: int = 40, ncols: int = 10, seed
                        title: str = "Samples decoded from the prior N(0, I)", path: str | None = None) -> Figure:
     """Decode codes drawn from the prior N(0, I) in one batched call and show them in a grid."""
     _check_model("model", model)
-    if not _is_int(num_samples) or num_samples < 1:
-        raise ValueError(f"num_samples={num_samples!r} must be an integer >= 1")
-    seed = _check_int("seed", seed, 0)
-    eps = tf.random.stateless_normal((int(num_samples), model.config.latent_dim), seed=(seed, 0))
+    num_samples, seed = _check_int("num_samples", num_samples, 1), _check_int("seed", seed, 0)
+    eps = tf.random.stateless_normal((num_samples, model.config.latent_dim), seed=(seed, 0))
     return plot_image_grid(model.sample(eps).numpy(), ncols=ncols, cell=0.9, path=path, suptitle=title)
 
 
@@ -2400,9 +2385,7 @@ class KLWarmup:
     """
 
     def __init__(self, warmup_epochs: int = 0):
-        if not _is_int(warmup_epochs) or warmup_epochs < 0:
-            raise ValueError(f"warmup_epochs={warmup_epochs!r} must be an integer >= 0")
-        self.warmup_epochs = int(warmup_epochs)
+        self.warmup_epochs = _check_int("warmup_epochs", warmup_epochs, 0)
         self.kl_weight = tf.Variable(self.weight(1), trainable=False, dtype=tf.float32, name="kl_weight")
         self.description = f"KLWarmup(warmup_epochs={self.warmup_epochs})"
 
@@ -2660,9 +2643,8 @@ def plot_prior_samples_by_model(models: Mapping[str, CVAE], num_samples: int = 1
     latent_dims = {model.config.latent_dim for model in models.values()}
     if len(latent_dims) != 1:
         raise ValueError(f"the models have latent sizes {sorted(latent_dims)}; the same codes need one latent size")
-    if not _is_int(num_samples) or num_samples < 1:
-        raise ValueError(f"num_samples={num_samples!r} must be an integer >= 1")
-    eps = tf.random.stateless_normal((int(num_samples), latent_dims.pop()), seed=(int(seed), 1))
+    num_samples = _check_int("num_samples", num_samples, 1)
+    eps = tf.random.stateless_normal((num_samples, latent_dims.pop()), seed=(seed, 1))
     rows = [model.sample(eps).numpy() for model in models.values()]
     return plot_image_grid(np.concatenate(rows), ncols=num_samples, row_labels=list(models), cell=1.0,
                            suptitle=title, path=path)

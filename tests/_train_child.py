@@ -38,7 +38,7 @@ class EpochMarkers:
     """
 
     def __init__(self, model, marker_dir: str, step_seconds: float = 0.0):
-        self.__name__ = "elbo_with_epoch_markers"  # a stable name for the checkpoint's run signature
+        self.description = "compute_loss with epoch markers"  # the loss as the checkpoint's run record names it
         self.model, self.marker_dir, self.step_seconds = model, marker_dir, step_seconds
         os.makedirs(marker_dir, exist_ok=True)
 
@@ -60,10 +60,10 @@ class EpochMarkers:
 
 
 def main(checkpoint_dir: str, marker_dir: str, epochs: int, step_seconds: float = 0.0) -> list:
-    vae_utils.set_seed(0)
-    model = vae_utils.CVAE(CONFIG)
+    model = vae_utils.build_model(CONFIG, vae_utils.TrainConfig(precision="float32"))
     history = vae_utils.main_train_loop(
-        model, images(256, seed=1), images(64, seed=2), vae_utils.TrainConfig(epochs=epochs, batch_size=32, seed=0),
+        model, images(256, seed=1), images(64, seed=2),
+        vae_utils.TrainConfig(epochs=epochs, batch_size=32, precision="float32"),
         loss_fn=EpochMarkers(model, marker_dir, step_seconds), checkpoint_dir=checkpoint_dir, verbose=True)
     with open(os.path.join(marker_dir, "final_history.json"), "w") as handle:
         json.dump(history, handle)

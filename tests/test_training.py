@@ -1,9 +1,13 @@
-"""Training section: TrainConfig, overfitting, determinism, checkpoint resume, MirroredStrategy over two logical CPU
-devices."""
+"""Training section: TrainConfig, the GradientTape loop (overfitting, determinism, steps per call, schedule, NaN), and
+its checkpoints (resume after an interruption or a kill, damaged checkpoints, another run refused, new settings)."""
 
-import dataclasses
+import glob
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -11,69 +15,18 @@ import tensorflow as tf
 
 import vae_utils
 from _train_child import EpochMarkers
-from conftest import LOGICAL_CPUS, TINY_CONFIG as CONFIG, synthetic_images
+from conftest import TINY_CONFIG as CONFIG, synthetic_images
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-# float32 throughout: "auto" precision is mixed_bfloat16 on CPUs with native bfloat16, and the comparisons below
-# hold to float32 round-off.
-def fresh_model(seed: int = 0, strategy=None) -> vae_utils.CVAE:
-    return vae_utils.build_model(CONFIG, vae_utils.TrainConfig(seed=seed, precision="float32"), strategy)
+# float32 throughout: "auto" is mixed_bfloat16 on CPUs with native bfloat16, and the comparisons hold to float32.
+def fresh_model(seed: int = 0, config=CONFIG) -> vae_utils.CVAE:
+    return vae_utils.build_model(config, vae_utils.TrainConfig(seed=seed, precision="float32"))
 
 
 def train_config(epochs: int = 2, batch_size: int = 32, **changes) -> vae_utils.TrainConfig:
     return vae_utils.TrainConfig(epochs=epochs, batch_size=batch_size, **{"precision": "float32", **changes})
-
-
-@pytest.mark.parametrize("field, value", [
-    ("epochs", 0), ("epochs", 2.5), ("epochs", True), ("batch_size", -1), ("steps_per_execution", 0),
-    ("eval_batch_size", 0), ("seed", -1), ("seed", 1.0), ("learning_rate", 0.0), ("learning_rate", float("nan")),
-    ("learning_rate", "1e-3"), ("lr_schedule", "linear")])
-def test_train_config_rejects_bad_values_naming_them(field, value):
-    with pytest.raises(ValueError) as error:
-        vae_utils.TrainConfig(**{field: value})
-    assert f"{field}=" in str(error.value) and "\n" not in str(error.value)
-
-
-def test_train_config_is_frozen_and_plain():
-    config = vae_utils.TrainConfig(epochs=np.int64(3), batch_size=np.int32(16), learning_rate=np.float32(0.5))
-    assert type(config.epochs) is int and type(config.batch_size) is int and type(config.learning_rate) is float
-    json.dumps(dataclasses.asdict(config))  # recorded whole in the run signature
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        config.epochs = 4
-
-
-def test_main_train_loop_checks_its_arguments(data):
-    with pytest.raises(TypeError, match="config must be a TrainConfig"):
-        vae_utils.main_train_loop(fresh_model(), *data, {"epochs": 1})
-    with pytest.raises(TypeError, match="model must be a CVAE"):
-        vae_utils.main_train_loop(object(), *data, train_config())
-    with pytest.raises(TypeError, match="loss_fn="):
-        vae_utils.main_train_loop(fresh_model(), *data, train_config(), "elbo")
-
-
-def deterministic_loss(model, x):
-    """Negative ELBO with the analytic KL, decoded at the posterior mean: no sampling, so runs can match exactly."""
-    mean, logvar = model.encode(x)
-    logpx_z = vae_utils.reconstruction_log_prob(model, x, model.decode(mean))
-    return -tf.reduce_mean(logpx_z - vae_utils.kl_divergence_to_standard_normal(mean, logvar))
-
-
-def train_losses(model, images, strategy, loss_fn, steps: int, batch_size: int, learning_rate: float = 3e-3):
-    """Per-step losses of `steps` steps of the module's train function on a fixed, seeded batch order."""
-    with strategy.scope():
-        optimizer = tf.keras.optimizers.Adam(learning_rate)
-        optimizer.build(model.trainable_variables)
-    train_steps = vae_utils.make_train_function(model, optimizer, loss_fn, strategy)
-    dataset = vae_utils.make_dataset(images, batch_size, shuffle_seed=0, drop_remainder=True).repeat()
-    return train_steps(iter(strategy.experimental_distribute_dataset(dataset)), tf.constant(steps)).numpy()
-
-
-def test_overfits_one_small_batch(tiny_model):
-    batch, _ = synthetic_images(16, seed=3)
-    losses = train_losses(tiny_model, batch, tf.distribute.get_strategy(), vae_utils.compute_loss, steps=120,
-                          batch_size=16, learning_rate=2e-2)
-    assert np.isfinite(losses).all()
-    assert losses[-20:].mean() < 0.5 * losses[:5].mean(), (losses[:5], losses[-20:])
 
 
 @pytest.fixture(scope="module")
@@ -83,142 +36,268 @@ def data():
     return train, test
 
 
-def run(data, seed: int, epochs: int = 2, **kwargs) -> list[dict]:
+def deterministic_loss(model, x):
+    """Negative ELBO with the analytic KL, decoded at the posterior mean: no sampling, so runs can match exactly."""
+    mean, logvar = model.encode(x)
+    logpx_z = model.reconstruction_log_prob(x, model.decode(mean))
+    return -tf.reduce_mean(logpx_z - vae_utils.kl_divergence_to_standard_normal(mean, logvar))
+
+
+deterministic_loss.description = "deterministic ELBO"
+
+
+def run(data, seed=0, epochs=2, config=None, **kwargs):
     kwargs.setdefault("verbose", False)
-    config = train_config(epochs, seed=seed, **{k: kwargs.pop(k) for k in ("learning_rate", "steps_per_execution",
-                                                                           "lr_schedule") if k in kwargs})
-    return vae_utils.main_train_loop(fresh_model(seed), *data, config, **kwargs)
+    return vae_utils.main_train_loop(fresh_model(seed), *data, config or train_config(epochs, seed=seed), **kwargs)
 
 
-def test_same_seed_same_losses_different_seed_different(data, capsys):
+# ---------------------------------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("field, value", [("epochs", 0), ("batch_size", 2.5), ("seed", -1), ("learning_rate", 0.0),
+                                          ("learning_rate", float("nan")), ("lr_schedule", "linear"),
+                                          ("precision", "float64")])
+def test_train_config_refuses_bad_values_naming_them(field, value):
+    with pytest.raises(ValueError, match=f"{field}="):
+        vae_utils.TrainConfig(**{field: value})
+
+
+def test_main_train_loop_refuses_bad_images_and_batch_size_before_training(data):
+    train, test = data
+    with pytest.raises(ValueError, match="train_images"):
+        vae_utils.main_train_loop(fresh_model(), (train * 255).astype(np.uint8), test, train_config())
+    with pytest.raises(ValueError, match="test_images have shape"):
+        vae_utils.main_train_loop(fresh_model(), train, test[:, :14], train_config())
+    with pytest.raises(ValueError, match="batch_size=256"):
+        vae_utils.main_train_loop(fresh_model(), train, test, train_config(batch_size=256))
+
+
+def test_overfits_one_small_batch(tiny_model):
+    batch, _ = synthetic_images(16, seed=3)
+    strategy = tf.distribute.get_strategy()
+    optimizer = tf.keras.optimizers.Adam(2e-2)
+    train_steps = vae_utils.make_train_function(tiny_model, optimizer, vae_utils.compute_loss, strategy)
+    dataset = vae_utils.make_dataset(batch, 16).repeat()
+    losses = train_steps(iter(strategy.experimental_distribute_dataset(dataset)), tf.constant(120)).numpy()
+    assert np.isfinite(losses).all()
+    assert losses[-20:].mean() < 0.5 * losses[:5].mean(), (losses[:5], losses[-20:])
+
+
+def test_same_seed_same_history_other_seed_other_history(data):
     seen = []
-    first = run(data, 0, verbose=True, on_epoch_end=lambda epoch, model, row: seen.append((epoch, row)))
+    first = run(data, 0, on_epoch_end=lambda epoch, model, row: seen.append((epoch, row)))
     again, other = run(data, 0), run(data, 1)
-    key = ("train_loss", "test_elbo")
-    assert [[row[k] for k in key] for row in first] == [[row[k] for k in key] for row in again]
-    assert [row["train_loss"] for row in first] != [row["train_loss"] for row in other]
-    # The history: one row per epoch, passed to the callback too; one summary line per epoch.
+    losses = [[row["train_loss"], row["test_elbo"]] for row in first]
+    assert losses == [[row["train_loss"], row["test_elbo"]] for row in again]
+    assert losses != [[row["train_loss"], row["test_elbo"]] for row in other]
     assert [row["epoch"] for row in first] == [1, 2] and seen == [(1, first[0]), (2, first[1])]
-    assert set(first[0]) >= {"epoch", "seconds", "train_loss", "test_elbo"}
     assert all(np.isfinite(row["train_loss"]) and np.isfinite(row["test_elbo"]) for row in first)
-    summary = capsys.readouterr().out.strip().splitlines()[-1]
-    assert summary.startswith("Epoch 2/2: ") and "s training, test ELBO" in summary and summary.endswith(" nats")
 
 
-def test_steps_per_execution_and_schedule(data):
-    """Several steps per compiled call train exactly as one step per call; the cosine schedule decays to 5%."""
-    one = run(data, 0, epochs=1, loss_fn=deterministic_loss, steps_per_execution=1)
-    three = run(data, 0, epochs=1, loss_fn=deterministic_loss, steps_per_execution=3)  # 4 steps: a call of 3, of 1
-    np.testing.assert_allclose(three[0]["train_loss"], one[0]["train_loss"], rtol=1e-6)
+def test_steps_per_call_train_as_one_step_per_call_and_cosine_decays_to_5_percent(data):
+    one = run(data, epochs=1, config=train_config(1, steps_per_execution=1), loss_fn=deterministic_loss)
+    three = run(data, epochs=1, config=train_config(1, steps_per_execution=3), loss_fn=deterministic_loss)
+    np.testing.assert_allclose(three[0]["train_loss"], one[0]["train_loss"], rtol=1e-6)  # 4 steps: 3 + 1
     cosine = vae_utils.make_optimizer(train_config(2, learning_rate=0.01, lr_schedule="cosine"), 4)
     rates = []
     for step in (0, 4, 8):  # the start, half-way (2 epochs of 4 steps), the end
         cosine.iterations.assign(step)
         rates.append(float(cosine.learning_rate))
     assert rates == pytest.approx([0.01, 0.00525, 0.0005])  # alpha + (1 - alpha) (1 + cos(pi t)) / 2, alpha = 5%
-    assert float(vae_utils.make_optimizer(train_config(2, learning_rate=0.01), 4).learning_rate) == pytest.approx(0.01)
 
 
-def test_interrupted_run_resumes_at_epoch_2_and_finished_run_does_not_retrain(data, tmp_path, capsys):
-    checkpoint_dir, markers = str(tmp_path / "run"), str(tmp_path / "markers")
-    model = fresh_model(0)
-    first = vae_utils.main_train_loop(model, *data, train_config(1), checkpoint_dir=checkpoint_dir,
-                                      loss_fn=EpochMarkers(model, markers), verbose=False)
-    weights_after_epoch_1 = model.get_weights()
-    assert [row["epoch"] for row in first] == [1]
-    # A kill between writing history.json and the checkpoint of epoch 2 leaves a row the checkpoint lacks.
-    with open(os.path.join(checkpoint_dir, "history.json"), "w") as handle:
-        json.dump(first + [{"epoch": 2, "train_loss": -1.0}], handle)
+class NaNAtStep:
+    """compute_loss, but NaN at one global step."""
 
-    # "Interrupted after epoch 1": a new process would build a new model; its weights differ until restored.
-    model = fresh_model(5)
-    assert not np.array_equal(model.get_weights()[0], weights_after_epoch_1[0])
-    trained = []
-    history = vae_utils.main_train_loop(model, *data, train_config(3), checkpoint_dir=checkpoint_dir,
-                                        loss_fn=EpochMarkers(model, markers), verbose=True,
+    description = "compute_loss, NaN at one step"
+
+    def __init__(self, bad_step: int):
+        self.bad_step, self.steps = bad_step, tf.Variable(0)
+
+    def __call__(self, model, x):
+        step = self.steps.assign_add(1)
+        return tf.where(step == self.bad_step, np.float32("nan"), vae_utils.compute_loss(model, x))
+
+
+def test_nan_loss_stops_naming_epoch_and_step_and_keeps_the_last_good_epoch(data, tmp_path):
+    finished = []
+    # 4 steps per epoch; global step 6 is epoch 2, step 2, inside a call of 3 steps.
+    with pytest.raises(vae_utils.NonFiniteLossError) as error:
+        run(data, config=train_config(3, steps_per_execution=3), loss_fn=NaNAtStep(6),
+            checkpoint_dir=str(tmp_path), on_epoch_end=lambda epoch, *_: finished.append(epoch))
+    assert "nan at epoch 2, step 2 of 4" in str(error.value) and "checkpoint of epoch 1 is kept" in str(error.value)
+    assert finished == [1] and tf.train.latest_checkpoint(str(tmp_path)).endswith("ckpt-1")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------------------------------
+
+def test_interrupted_run_resumes_to_the_weights_of_an_uninterrupted_one(data, tmp_path, capsys):
+    uninterrupted = fresh_model(0)
+    expected = vae_utils.main_train_loop(uninterrupted, *data, train_config(3), deterministic_loss, verbose=False)
+
+    folder = str(tmp_path / "run")
+    run(data, 0, config=train_config(1), loss_fn=deterministic_loss, checkpoint_dir=folder)  # "interrupted" after 1
+    model, trained = fresh_model(0), []  # a new session, the same settings; its weights scrambled until restored
+    model.set_weights([np.random.default_rng(5).normal(size=w.shape).astype(w.dtype) for w in model.get_weights()])
+    history = vae_utils.main_train_loop(model, *data, train_config(3), deterministic_loss, checkpoint_dir=folder,
                                         on_epoch_end=lambda epoch, *_: trained.append(epoch))
     assert "1 epoch(s) done, resuming at epoch 2" in capsys.readouterr().out
-    assert trained == [2, 3]
-    assert [row["epoch"] for row in history] == [1, 2, 3]
-    assert history[0] == first[0] and history[1]["train_loss"] > 0  # the orphan row was dropped, epoch 2 re-ran
-    restored = np.load(os.path.join(markers, f"start_2_{os.getpid()}.npz"))
-    for index, saved in enumerate(weights_after_epoch_1):
-        np.testing.assert_array_equal(restored[f"w{index}"], saved)
-    with open(os.path.join(checkpoint_dir, "history.json")) as handle:
-        assert json.load(handle) == history
+    assert trained == [2, 3] and [row["epoch"] for row in history] == [1, 2, 3]
+    assert [row["train_loss"] for row in history] == pytest.approx([row["train_loss"] for row in expected], rel=1e-5)
+    for resumed, reference in zip(model.get_weights(), uninterrupted.get_weights()):
+        np.testing.assert_allclose(resumed, reference, rtol=1e-5, atol=1e-6)
 
-    # A finished run started again restores, says it is complete and trains nothing.
-    model, trained = fresh_model(6), []
-    again = vae_utils.main_train_loop(model, *data, train_config(3), checkpoint_dir=checkpoint_dir,
-                                      loss_fn=EpochMarkers(model, markers), verbose=True,
-                                      on_epoch_end=lambda epoch, *_: trained.append(epoch))
-    assert "3 epoch(s) done, complete" in capsys.readouterr().out
-    assert trained == [] and again == history
+    # A finished run re-run trains nothing and returns its history; more epochs train only the new ones.
+    again, trained = fresh_model(6), []
+    assert vae_utils.main_train_loop(again, *data, train_config(3), deterministic_loss, checkpoint_dir=folder,
+                                     on_epoch_end=lambda epoch, *_: trained.append(epoch)) == history
+    assert "3 epoch(s) done, complete" in capsys.readouterr().out and trained == []
+    more = vae_utils.main_train_loop(again, *data, train_config(4), deterministic_loss, checkpoint_dir=folder,
+                                     on_epoch_end=lambda epoch, *_: trained.append(epoch), verbose=False)
+    assert trained == [4] and more[:3] == history
+    assert sorted(os.path.basename(p) for p in glob.glob(os.path.join(folder, "ckpt-*.index"))) == [
+        "ckpt-3.index", "ckpt-4.index"]  # the newest two
+
+
+def test_a_kill_during_the_save_loses_only_that_epoch(data, tmp_path, monkeypatch):
+    folder = str(tmp_path / "run")
+    run(data, config=train_config(1), checkpoint_dir=folder)
+    write = tf.train.CheckpointManager.save
+
+    def killed_before_the_state_file(manager, checkpoint_number=None):
+        manager._checkpoint.write(os.path.join(manager.directory, f"ckpt-{checkpoint_number}"))  # files, no record
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tf.train.CheckpointManager, "save", killed_before_the_state_file)
+    with pytest.raises(KeyboardInterrupt):
+        run(data, config=train_config(2), checkpoint_dir=folder)
+    monkeypatch.setattr(tf.train.CheckpointManager, "save", write)
+    trained = []
+    history = run(data, config=train_config(2), checkpoint_dir=folder,
+                  on_epoch_end=lambda epoch, *_: trained.append(epoch))
+    assert trained == [2] and [row["epoch"] for row in history] == [1, 2]
+
+
+def damage(path_prefix: str) -> None:
+    """Flip bytes in the middle of a checkpoint's data file (the bundle's checksums catch it)."""
+    data_file = glob.glob(path_prefix + ".data-*")[0]
+    content = bytearray(open(data_file, "rb").read())
+    middle = len(content) // 2
+    content[middle:middle + 8] = bytes(b ^ 0xFF for b in content[middle:middle + 8])
+    open(data_file, "wb").write(bytes(content))
+
+
+def test_a_damaged_newest_checkpoint_resumes_from_the_older_one_saying_so(data, tmp_path, capsys):
+    folder = str(tmp_path / "run")
+    run(data, config=train_config(2), checkpoint_dir=folder)
+    damage(os.path.join(folder, "ckpt-2"))
+    trained = []
+    history = run(data, config=train_config(2), checkpoint_dir=folder, verbose=True,
+                  on_epoch_end=lambda epoch, *_: trained.append(epoch))
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith(f"{folder}/ckpt-2 does not restore") for line in lines)
+    assert trained == [2] and [row["epoch"] for row in history] == [1, 2]
+    damage(os.path.join(folder, "ckpt-1"))
+    damage(os.path.join(folder, "ckpt-2"))
+    with pytest.raises(OSError, match="no checkpoint .* restores"):
+        run(data, config=train_config(2), checkpoint_dir=folder)
 
 
 @pytest.fixture(scope="module")
 def finished_run(data, tmp_path_factory):
-    """A checkpoint directory holding one trained epoch of CONFIG on `data` with batch size 32."""
-    checkpoint_dir = str(tmp_path_factory.mktemp("finished_run"))
-    vae_utils.main_train_loop(fresh_model(), *data, train_config(1), checkpoint_dir=checkpoint_dir, verbose=False)
-    return checkpoint_dir
+    """A folder with one trained epoch of CONFIG on `data`, batch size 32, compute_loss."""
+    folder = str(tmp_path_factory.mktemp("finished") / "run")
+    run(data, config=train_config(1), checkpoint_dir=folder)
+    return folder
 
 
 @pytest.mark.parametrize("change, named", [
-    (dict(config=dataclasses.replace(CONFIG, latent_dim=3)), "latent_dim"),
-    (dict(config=vae_utils.ExtendedVAEConfig(**dataclasses.asdict(CONFIG), upsampling="resize")), "upsampling"),
-    (dict(data_seed=9), "train_data"),
-    (dict(batch_size=16), "batch_size"),
-    (dict(loss_fn=vae_utils.MMDLoss(10.0)), "compute_mmd_loss(mmd_weight=10)"),
-], ids=["latent_dim", "architecture", "data_set", "batch_size", "loss"])
-def test_checkpoint_of_another_run_is_refused(data, finished_run, change, named):
-    model = vae_utils.build_model(change.get("config", CONFIG), train_config())
-    train = synthetic_images(128, seed=change["data_seed"])[0] if "data_seed" in change else data[0]
-    with pytest.raises(vae_utils.CheckpointMismatchError) as error:
-        vae_utils.main_train_loop(model, train, data[1], train_config(2, change.get("batch_size", 32)),
-                                  loss_fn=change.get("loss_fn", vae_utils.compute_loss),
-                                  checkpoint_dir=finished_run, verbose=False)
-    message = str(error.value)
-    assert named in message and finished_run in message and "new directory" in message and "\n" not in message
+    (dict(model=lambda: fresh_model(config=vae_utils.VAEConfig(latent_dim=3, filters=4))), "model.latent_dim: 2"),
+    (dict(seed=3), "training.seed: 0 in the checkpoint, 3 now"),
+    (dict(batch_size=16), "training.batch_size: 32 in the checkpoint, 16 now"),
+    (dict(loss_fn=vae_utils.MMDLoss(10.0)), "loss: 'vae_utils.compute_loss' in the checkpoint, "
+                                            "'compute_mmd_loss(mmd_weight=10)' now"),
+    (dict(other_data=True), "data: "),
+], ids=["architecture", "seed", "batch_size", "loss", "data"])
+def test_another_run_is_refused_naming_the_difference(data, finished_run, change, named):
+    model = change.get("model", fresh_model)()
+    train, test = data
+    if change.get("other_data"):
+        train = 1.0 - train
+    config = train_config(1, seed=change.get("seed", 0), batch_size=change.get("batch_size", 32))
+    with pytest.raises(vae_utils.CheckpointMismatchError, match="holds another run") as error:
+        vae_utils.main_train_loop(model, train, test, config, change.get("loss_fn", vae_utils.compute_loss),
+                                  checkpoint_dir=finished_run, allow_new_settings=True)
+    assert named in str(error.value)
 
 
-def test_get_strategy_on_cpu_is_the_default_one(capsys):
-    strategy = vae_utils.get_strategy()
-    assert strategy.num_replicas_in_sync == 1 and not isinstance(strategy, tf.distribute.MirroredStrategy)
-    assert "Strategy:" in capsys.readouterr().out
+def test_new_optimisation_settings_need_allow_new_settings_and_precision_needs_nothing(data, finished_run, tmp_path):
+    config = train_config(1, learning_rate=1e-2)
+    with pytest.raises(vae_utils.CheckpointMismatchError, match="allow_new_settings=True") as error:
+        run(data, config=config, checkpoint_dir=finished_run)
+    assert "training.learning_rate: 0.001 in the checkpoint, 0.01 now" in str(error.value)
+    folder = str(tmp_path / "copy")
+    run(data, config=train_config(1), checkpoint_dir=folder)
+    assert len(run(data, config=train_config(2, learning_rate=1e-2), checkpoint_dir=folder,
+                   allow_new_settings=True)) == 2
+    bfloat16 = vae_utils.TrainConfig(epochs=2, batch_size=32, precision="mixed_bfloat16", learning_rate=1e-2)
+    model = vae_utils.build_model(CONFIG, bfloat16)
+    assert len(vae_utils.main_train_loop(model, *data, bfloat16, checkpoint_dir=folder, verbose=False)) == 2
 
 
-# MirroredStrategy over the two logical CPU devices made in conftest.py. Each replica gets half of every global batch
-# and divides its loss by the replica count, so the summed gradients are those of the global-batch mean.
-# Tolerances: with a loss that draws no random numbers the training-loss curves agree to float32 round-off
-# (rtol 1e-5); the test ELBO samples epsilon, differently on two replicas, so it agrees within MC noise (rtol 2e-3).
+def test_a_loss_is_named_the_same_in_every_interpreter(data, tmp_path, monkeypatch):
+    assert vae_utils.describe_loss(vae_utils.compute_loss) == "vae_utils.compute_loss"
+    assert vae_utils.describe_loss(vae_utils.MMDLoss(10)) == "compute_mmd_loss(mmd_weight=10)"
+    folder = str(tmp_path / "run")
+    run(data, config=train_config(1), checkpoint_dir=folder)
 
-@pytest.fixture(scope="module")
-def mirrored():
-    if LOGICAL_CPUS < 2:
-        pytest.skip("the CPU could not be split into two logical devices")
-    return tf.distribute.MirroredStrategy(["/CPU:0", "/CPU:1"])
+    # Another interpreter compiles the same function to other bytecode: model it by swapping the code object.
+    def other_bytecode(model, x):  # runs in vae_utils' globals, where elbo_per_example is defined
+        return -tf.reduce_mean(elbo_per_example(model, x))  # noqa: F821
 
-
-def test_mirrored_two_cpus_same_loss_curve_as_one_device(data, mirrored):
-    initial = fresh_model(0).get_weights()
-    histories = {}
-    for name, strategy in (("one device", None), ("two replicas", mirrored)):
-        model = fresh_model(1, strategy)
-        model.set_weights(initial)
-        vae_utils.set_seed(0)
-        histories[name] = vae_utils.main_train_loop(model, *data, train_config(learning_rate=3e-3),
-                                                    deterministic_loss, strategy=strategy, verbose=False)
-    one, two = histories["one device"], histories["two replicas"]
-    assert one[1]["train_loss"] < one[0]["train_loss"]
-    # Epoch means over 4 steps each: steps 2.. differ unless the first step's gradients were those of the global batch.
-    np.testing.assert_allclose([row["train_loss"] for row in two], [row["train_loss"] for row in one], rtol=1e-5)
-    np.testing.assert_allclose([row["test_elbo"] for row in two], [row["test_elbo"] for row in one], rtol=2e-3)
+    monkeypatch.setattr(vae_utils.compute_loss, "__code__", other_bytecode.__code__)
+    history = run(data, config=train_config(2), checkpoint_dir=folder)
+    assert [row["epoch"] for row in history] == [1, 2]
 
 
-def test_mirrored_needs_divisible_batch_and_model_built_in_scope(data, mirrored):
-    model = fresh_model(0, mirrored)
-    with pytest.raises(ValueError, match="batch_size=31 must be divisible by the 2 replicas"):
-        vae_utils.main_train_loop(model, *data, train_config(1, 31), strategy=mirrored, verbose=False)
-    with pytest.raises(ValueError, match=r"not built under MirroredStrategy.scope\(\)"):
-        vae_utils.main_train_loop(fresh_model(), *data, train_config(1), strategy=mirrored, verbose=False)
+def test_a_finished_run_in_a_read_only_folder_returns_its_history(data, tmp_path):
+    folder = tmp_path / "run"
+    history = run(data, config=train_config(1), checkpoint_dir=str(folder))
+    for path in [folder, *folder.iterdir()]:
+        path.chmod(0o555 if path.is_dir() else 0o444)
+    try:
+        assert run(data, config=train_config(1), checkpoint_dir=str(folder)) == history
+    finally:
+        folder.chmod(0o755)
+
+
+@pytest.mark.slow
+def test_a_run_killed_mid_epoch_resumes_after_its_last_checkpointed_epoch(tmp_path):
+    checkpoint_dir, markers = tmp_path / "checkpoints", tmp_path / "markers"
+    # Every step sleeps 0.1 s, so an epoch (8 steps) lasts at least 0.8 s: a kill 0.2 s into epoch 2 lands mid-epoch.
+    command = [sys.executable, os.path.join(HERE, "_train_child.py"), str(checkpoint_dir), str(markers), "3", "0.1"]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.monotonic() + 240
+    while not (markers / "started_2").exists():
+        assert first.poll() is None and time.monotonic() < deadline, "the training process never reached epoch 2"
+        time.sleep(0.02)
+    time.sleep(0.2)
+    os.kill(first.pid, signal.SIGKILL)
+    assert first.wait(timeout=60) == -signal.SIGKILL
+    assert tf.train.latest_checkpoint(str(checkpoint_dir)).endswith("ckpt-1")
+
+    second = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "1 epoch(s) done, resuming at epoch 2" in second.stdout
+    started = {epoch: (markers / f"started_{epoch}").read_text().split() for epoch in (1, 2, 3)}
+    assert started[1] == [str(first.pid)] and len(started[2]) == 2 and started[3] == started[2][1:]
+    # Epoch 2 of the second process starts from the weights epoch 1 ended with in the first.
+    before, after = (np.load(markers / f"start_2_{pid}.npz") for pid in started[2])
+    for key in before.files:
+        np.testing.assert_array_equal(before[key], after[key])
+    history = json.loads((markers / "final_history.json").read_text())
+    assert [row["epoch"] for row in history] == [1, 2, 3]

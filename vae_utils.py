@@ -12,6 +12,7 @@ import functools
 import hashlib
 import json
 import math
+import numbers
 import os
 import platform
 import re
@@ -358,7 +359,7 @@ def compute_mmd_loss(model, x, mmd_weight=1000.0):
 
 
 def _check_mmd_weight(mmd_weight) -> float:
-    if isinstance(mmd_weight, bool) or not isinstance(mmd_weight, (int, float)) or not 0 <= mmd_weight < math.inf:
+    if isinstance(mmd_weight, bool) or not isinstance(mmd_weight, numbers.Real) or not 0 <= mmd_weight < math.inf:
         raise ValueError(f"mmd_weight={mmd_weight!r} must be a finite number >= 0")
     return float(mmd_weight)
 
@@ -440,7 +441,8 @@ def get_strategy(verbose: bool = True) -> tf.distribute.Strategy:
             tf.tpu.experimental.initialize_tpu_system(resolver)
             strategy, reason = tf.distribute.TPUStrategy(resolver), f"TPU {tpu_name or 'local'}"
         except Exception as error:  # noqa: BLE001 - whatever the resolver raises, the next-best strategy is used
-            print(f"TPU not used ({type(error).__name__}: {str(error).strip()[:160]}); trying the GPUs and the CPU.")
+            print(f"TPU not used ({type(error).__name__}: {str(error).strip().partition(chr(10))[0][:160]}); trying "
+                  f"the GPUs and the CPU.")
     gpus = tf.config.list_logical_devices("GPU")
     if strategy is None and len(gpus) > 1:
         strategy, reason = tf.distribute.MirroredStrategy(), f"{len(gpus)} GPUs, one replica each"
@@ -567,7 +569,7 @@ def main_train_loop(model: CVAE, train_images: np.ndarray, test_images: np.ndarr
                     loss_fn: Callable = compute_loss, *, strategy: tf.distribute.Strategy | None = None,
                     checkpoint_dir: str | None = None, allow_new_settings: bool = False,
                     on_epoch_end: Callable | None = None, verbose: bool = True) -> list[dict]:
-    """Train `model` with Adam as `config` says, show each epoch's loss and test ELBO, and return the history.
+    """Train `model` with Adam as `config` says, show each epoch's time and test ELBO, and return the history.
 
     With `checkpoint_dir`, each epoch is checkpointed and a new call resumes after the last completed one (see
     `RunCheckpoint`); `allow_new_settings=True` continues it with another learning rate, schedule or fewer epochs.
@@ -588,7 +590,7 @@ def main_train_loop(model: CVAE, train_images: np.ndarray, test_images: np.ndarr
     for epoch in range(len(history) + 1, config.epochs + 1):
         if verbose:
             print(f"Epoch {epoch}/{config.epochs}")
-        progress = tf.keras.utils.Progbar(steps_per_epoch, stateful_metrics=["loss", "test ELBO"], verbose=int(verbose))
+        progress = tf.keras.utils.Progbar(steps_per_epoch, stateful_metrics=["loss"], verbose=int(verbose))
         started = time.perf_counter()
         # A shuffle seeded by the epoch makes a resumed run see the same batches as an uninterrupted one.
         dataset = make_dataset(train_images, config.batch_size, shuffle_seed=config.seed * 100_003 + epoch,
@@ -608,10 +610,11 @@ def main_train_loop(model: CVAE, train_images: np.ndarray, test_images: np.ndarr
                     + ". Lower the learning rate (allow_new_settings=True continues the checkpoint with it) "
                       "or check the inputs.")
             loss_sum, done = loss_sum + float(losses.sum()), done + len(losses)
-            progress.update(done, [("loss", loss_sum / done)], finalize=False)
+            progress.update(done, [("loss", loss_sum / done)])  # the bar's time: this epoch's training so far
         train_seconds = time.perf_counter() - started
         test_elbo = evaluate_elbo(model, test_images, config.eval_batch_size)
-        progress.update(done, [("loss", loss_sum / done), ("test ELBO", test_elbo)], finalize=True)
+        if verbose:
+            print(f"Epoch {epoch}/{config.epochs}: {train_seconds:.1f} s training, test ELBO {test_elbo:.2f} nats")
         history.append({"epoch": epoch, "seconds": round(train_seconds, 2), "train_loss": loss_sum / done,
                         "test_elbo": test_elbo})
         run.save(history)
@@ -679,11 +682,8 @@ class _JSONState(tf.train.experimental.PythonState):
 
 
 class _OptimizerState(tf.Module):
-    """An optimizer's step count and slot variables (Adam's moments), without its learning rate.
-
-    The learning rate comes from the call that resumes, so a run continued with a new one uses it. A
-    LossScaleOptimizer (float16) is saved as its inner optimizer: checkpoints are the same in every precision.
-    """
+    """An optimizer's step count and slot variables (Adam's moments), but not its learning rate, which comes from the
+    call that resumes; a LossScaleOptimizer is saved as its inner optimizer, so every precision writes the same."""
 
     def __init__(self, optimizer):
         super().__init__()

@@ -18,6 +18,7 @@ from nbclient import NotebookClient
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 OVERWRITTEN = re.compile(r".*\r(?=[^\n])")  # text that a later carriage return overwrote on the same line
+ANSI_CODES = re.compile(r"\x1b\[[0-9;]*m")  # the progress bar's colours: Colab renders them, other viewers print them
 # TensorFlow's C++ start-up notices, written to stderr before its logging is configured, so that
 # TF_CPP_MIN_LOG_LEVEL cannot silence them: device probing that says nothing about this run.
 STARTUP_NOTICE = re.compile(r"^(WARNING: All log messages before absl::InitializeLog\(\).*"
@@ -26,7 +27,8 @@ STARTUP_NOTICE = re.compile(r"^(WARNING: All log messages before absl::Initializ
 
 
 def merge_streams(notebook: nbformat.NotebookNode) -> None:
-    """Merge consecutive stream outputs of the same name; drop text that carriage returns overwrote, and start-up notices."""
+    """Merge consecutive stream outputs of the same name; drop text that carriage returns overwrote, colour codes and
+    start-up notices."""
     for cell in notebook.cells:
         if cell.cell_type != "code":
             continue
@@ -40,7 +42,7 @@ def merge_streams(notebook: nbformat.NotebookNode) -> None:
                 merged.append(output)
         for output in merged:
             if output.output_type == "stream":
-                output.text = OVERWRITTEN.sub("", output.text)
+                output.text = OVERWRITTEN.sub("", ANSI_CODES.sub("", output.text))
                 if output.name == "stderr":
                     output.text = STARTUP_NOTICE.sub("", output.text)
         cell.outputs = [output for output in merged if output.output_type != "stream" or output.text]

@@ -15,6 +15,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import vae_extensions as vx  # noqa: E402
 import vae_utils as vu  # noqa: E402
 
 
@@ -35,16 +36,17 @@ def main(argv=None) -> None:
         training = vu.TrainConfig(epochs=16, batch_size=32, learning_rate=2e-3, lr_schedule="cosine",
                                   steps_per_execution=50, seed=args.seed, precision=args.precision)
         config = vu.VAEConfig(img_size=28, channels=1, latent_dim=176, num_convolutions=2, filters=32)
-        rows.append(vu.train_and_score("MNIST ELBO", vu.build_model(config, training), mnist, training,
+        rows.append(vx.train_and_score("MNIST ELBO", vu.build_model(config, training), mnist, training,
                                        **scoring).result)
     if "cifar10" in models:
         cifar = vu.prepare_data("cifar10")
         training = vu.TrainConfig(epochs=4, batch_size=64, learning_rate=1e-3, lr_schedule="cosine",
                                   steps_per_execution=50, seed=args.seed, precision=args.precision)
-        config = vu.ExtendedVAEConfig(img_size=32, channels=3, latent_dim=512, num_convolutions=2, filters=16,
+        config = vx.ExtendedVAEConfig(img_size=32, channels=3, latent_dim=512, num_convolutions=2, filters=16,
                                       likelihood="logistic_ar", upsampling="resize", spatial_latent=True)
-        rows.append(vu.train_and_score("CIFAR-10 spatial, autoregressive", vu.build_model(config, training), cifar,
-                                       training, vu.KLWarmup(1), **scoring).result)
+        model = vu.build_model(config, training, model_class=vx.ExtendedCVAE)
+        rows.append(vx.train_and_score("CIFAR-10 spatial, autoregressive", model, cifar, training, vx.KLWarmup(1),
+                                       **scoring).result)
     for row in rows:
         print(f"{row['name']} ({args.precision}, seed {args.seed}): test ELBO {row['test_elbo']:.2f} nats, bits/dim "
               f"{row['bits_per_dim']:.4f}, PSNR {row['psnr_db']:.2f} dB, linear probe {row['probe_accuracy']:.2%}")

@@ -1,8 +1,9 @@
-"""Beyond the homework (the module's last section): the discretized logistic and autoregressive likelihoods,
-ExtendedVAEConfig / ExtendedCVAE (spatial code, resize-convolution decoder), KL warm-up, the aggregate-code
-diagnostics, the checkerboard measure, and the helpers of the MMD weight sweep. Tiny models, seeded, fast."""
+"""vae_extensions: the discretized logistic and autoregressive likelihoods, ExtendedVAEConfig / ExtendedCVAE (spatial
+code, resize-convolution decoder), KL warm-up, the scores, the aggregate-code diagnostics and the MMD weight sweep.
+Tiny models, seeded, fast."""
 
 import dataclasses
+import json
 import math
 import types
 
@@ -11,6 +12,7 @@ import pytest
 import tensorflow as tf
 from matplotlib.figure import Figure
 
+import vae_extensions as vx
 import vae_utils as vu
 from conftest import TINY, TINY_CONFIG, assert_gradients_reach_every_variable, synthetic_images, tiny_images
 
@@ -29,7 +31,7 @@ def log_logistic_cdf(t):
 def level_log_probs(loc, log_scale):
     """log P(pixel = k) for k = 0..255 from `discretized_logistic_log_prob`, as float64 NumPy."""
     x = tf.constant(LEVELS)
-    return vu.discretized_logistic_log_prob(x, tf.fill([256], loc), tf.fill([256], log_scale)).numpy().astype(float)
+    return vx.discretized_logistic_log_prob(x, tf.fill([256], loc), tf.fill([256], log_scale)).numpy().astype(float)
 
 
 # --- discretized logistic likelihood ---------------------------------------------------------------------------------
@@ -77,15 +79,15 @@ def test_discretized_logistic_far_in_a_tail_matches_float64(level, loc, log_scal
 
 def test_logistic_reconstruction_is_summed_over_pixels_and_channels():
     vu.set_seed(0)
-    model = vu.ExtendedCVAE(vu.ExtendedVAEConfig(img_size=8, channels=3, latent_dim=2, num_convolutions=1, filters=4,
+    model = vx.ExtendedCVAE(vx.ExtendedVAEConfig(img_size=8, channels=3, latent_dim=2, num_convolutions=1, filters=4,
                                                  likelihood="logistic"))
     x = tf.constant(np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3)) / 255.0, tf.float32)
     output = model.decode(tf.zeros((2, 2)))
     assert output.shape == (2, 8, 8, 6)  # location and log-scale per channel
-    per_example = vu.reconstruction_log_prob(model, x, output).numpy()
+    per_example = model.reconstruction_log_prob(x, output).numpy()
     logits, raw = tf.split(output, 2, axis=-1)
-    log_scale = tf.maximum(raw - vu.LOGISTIC_LOG_SCALE_SHIFT, vu.LOGISTIC_MIN_LOG_SCALE)
-    per_pixel = vu.discretized_logistic_log_prob(x, 2.0 * tf.sigmoid(logits) - 1.0, log_scale).numpy()
+    log_scale = tf.maximum(raw - vx.LOGISTIC_LOG_SCALE_SHIFT, vx.LOGISTIC_MIN_LOG_SCALE)
+    per_pixel = vx.discretized_logistic_log_prob(x, 2.0 * tf.sigmoid(logits) - 1.0, log_scale).numpy()
     np.testing.assert_allclose(per_example, per_pixel.sum(axis=(1, 2, 3)), rtol=1e-5)
     assert np.all(per_example < 0.0)
 
@@ -95,20 +97,20 @@ def test_logistic_gradients_are_finite_at_the_edges():
     loc = tf.Variable([0.9, -0.9, 0.0, -1.0])
     log_scale = tf.Variable([-7.0, -7.0, -7.0, 1.0])
     with tf.GradientTape() as tape:
-        total = tf.reduce_sum(vu.discretized_logistic_log_prob(x, loc, log_scale))
+        total = tf.reduce_sum(vx.discretized_logistic_log_prob(x, loc, log_scale))
     for gradient in tape.gradient(total, [loc, log_scale]):
         assert np.all(np.isfinite(gradient.numpy()))
 
 
 def reconstruction_log_prob(config, x, decoder_output, training=False):
     """`ExtendedCVAE.reconstruction_log_prob` for a config alone (it reads nothing else of the model)."""
-    return vu.ExtendedCVAE.reconstruction_log_prob(types.SimpleNamespace(config=config), x, decoder_output, training)
+    return vx.ExtendedCVAE.reconstruction_log_prob(types.SimpleNamespace(config=config), x, decoder_output, training)
 
 
 def ar_inputs(height=4, width=4, channels=3, seed=0):
     """Random locations, coefficients and an image for `_ar_locations`, batch 1, float32."""
     rng = np.random.default_rng(seed)
-    seen = (len(vu.AR_NEIGHBOURS) + 1) * channels
+    seen = (len(vx.AR_NEIGHBOURS) + 1) * channels
     loc = rng.uniform(-0.8, 0.8, (1, height, width, channels))
     coefficients = np.tanh(rng.normal(size=(1, height, width, seen * channels)))
     x = rng.uniform(-1.0, 1.0, (1, height, width, channels))
@@ -120,7 +122,7 @@ def test_autoregressive_location_depends_only_on_earlier_pixels_and_channels():
     _, height, width, channels = x.shape
     with tf.GradientTape() as tape:
         tape.watch(x)
-        shifted = vu._ar_locations(loc, coefficients, x)
+        shifted = vx._ar_locations(loc, coefficients, x)
     jacobian = tape.jacobian(shifted, x).numpy().reshape(height * width * channels, height * width * channels)
     # Raster order: row by row, pixel by pixel, channel by channel; a location may use only the values before it.
     assert np.all(np.triu(jacobian) == 0.0)
@@ -141,13 +143,13 @@ def test_autoregressive_greedy_decode_is_the_location_map():
     for row in range(height):
         for col in range(width):
             for k in range(channels):
-                image[0, row, col, k] = vu._ar_locations(loc, coefficients, tf.constant(image))[0, row, col, k]
+                image[0, row, col, k] = vx._ar_locations(loc, coefficients, tf.constant(image))[0, row, col, k]
     np.testing.assert_allclose(image, loc.numpy(), atol=1e-6)
 
 
 def test_autoregressive_logistic_sums_to_the_first_pixel_probability():
     """A 1 x 2 grey image: summing p(x0, x1) over the 256 levels of x1 leaves p(x0), in closed form."""
-    config = vu.ExtendedVAEConfig(img_size=2, channels=1, latent_dim=2, num_convolutions=1, likelihood="logistic_ar")
+    config = vx.ExtendedVAEConfig(img_size=2, channels=1, latent_dim=2, num_convolutions=1, likelihood="logistic_ar")
     rng = np.random.default_rng(2)
     raw = rng.normal(size=(1, 1, 2, config.decoder_outputs)).astype(np.float32)  # one image row of two pixels
     output = tf.constant(np.repeat(raw, 256, axis=0))
@@ -156,12 +158,12 @@ def test_autoregressive_logistic_sums_to_the_first_pixel_probability():
     joint = reconstruction_log_prob(config, tf.constant(x), output).numpy().astype(float)
     loc_first = 2.0 / (1.0 + math.exp(-raw[0, 0, 0, 0])) - 1.0
     # The first pixel sees no residual, so its location is the mean model's; its scale is the autoregressive one.
-    first = level_log_probs(loc_first, raw[0, 0, 0, 2] - vu.LOGISTIC_LOG_SCALE_SHIFT)[first_level]
+    first = level_log_probs(loc_first, raw[0, 0, 0, 2] - vx.LOGISTIC_LOG_SCALE_SHIFT)[first_level]
     np.testing.assert_allclose(np.logaddexp.reduce(joint), first, atol=1e-3)
 
 
 def test_autoregressive_training_adds_the_mean_model_which_alone_trains_the_locations():
-    config = vu.ExtendedVAEConfig(img_size=4, channels=3, latent_dim=2, num_convolutions=1, likelihood="logistic_ar")
+    config = vx.ExtendedVAEConfig(img_size=4, channels=3, latent_dim=2, num_convolutions=1, likelihood="logistic_ar")
     rng = np.random.default_rng(3)
     output = tf.constant(rng.normal(size=(2, 4, 4, config.decoder_outputs)), tf.float32)
     x = tf.constant(rng.integers(0, 256, (2, 4, 4, 3)) / 255.0, tf.float32)
@@ -176,22 +178,22 @@ def test_autoregressive_training_adds_the_mean_model_which_alone_trains_the_loca
     assert np.all(gradient[..., :3] == 0.0)  # no gradient from the neighbours' prediction into the locations
     used = np.abs(gradient).sum(axis=(0, 1, 2)) > 0.0
     assert used[6:9].all()  # but into its log-scales and coefficients: 4 neighbours x 3 x 3, and 3 within the pixel
-    assert used[9:].sum() == len(vu.AR_NEIGHBOURS) * 9 + 3
+    assert used[9:].sum() == len(vx.AR_NEIGHBOURS) * 9 + 3
 
 
 @pytest.mark.parametrize("channels", [1, 3])
 def test_autoregressive_decoder_shapes(channels):
     vu.set_seed(0)
-    config = vu.ExtendedVAEConfig(img_size=8, channels=channels, latent_dim=2, num_convolutions=1, filters=4,
+    config = vx.ExtendedVAEConfig(img_size=8, channels=channels, latent_dim=2, num_convolutions=1, filters=4,
                                   likelihood="logistic_ar")
-    model = vu.ExtendedCVAE(config)
-    assert isinstance(model.decoder.layers[-1], vu.AutoregressiveHead)
-    per_channel = 3 + (len(vu.AR_NEIGHBOURS) + 1) * channels  # location, 2 log-scales, a coefficient per residual
+    model = vx.ExtendedCVAE(config)
+    assert isinstance(model.decoder.layers[-1], vx.AutoregressiveHead)
+    per_channel = 3 + (len(vx.AR_NEIGHBOURS) + 1) * channels  # location, 2 log-scales, a coefficient per residual
     assert model.decode(tf.zeros((2, 2))).shape == (2, 8, 8, channels * per_channel)
     sample = model.sample(num_samples=2).numpy()
     assert sample.shape == (2, 8, 8, channels) and sample.min() >= 0.0 and sample.max() <= 1.0
     x = tf.random.uniform((2, 8, 8, channels), seed=1)
-    assert vu.KLWarmup()(model, x).shape == ()
+    assert vx.KLWarmup()(model, x).shape == ()
 
 
 # --- resize-convolution decoder --------------------------------------------------------------------------------------
@@ -200,10 +202,10 @@ def test_autoregressive_decoder_shapes(channels):
     (28, 1, 2, "bernoulli", 1), (32, 3, 3, "bernoulli", 3), (32, 3, 2, "logistic", 6), (28, 1, 2, "logistic", 2)])
 def test_resize_decoder_output_shapes(img_size, channels, num_convolutions, likelihood, outputs):
     vu.set_seed(0)
-    config = vu.ExtendedVAEConfig(img_size=img_size, channels=channels, latent_dim=3,
+    config = vx.ExtendedVAEConfig(img_size=img_size, channels=channels, latent_dim=3,
                                   num_convolutions=num_convolutions, filters=4, upsampling="resize",
                                   likelihood=likelihood)
-    model = vu.ExtendedCVAE(config)
+    model = vx.ExtendedCVAE(config)
     assert model.decode(tf.zeros((2, 3))).shape == (2, img_size, img_size, outputs)
     assert model.sample(num_samples=2).shape == (2, img_size, img_size, channels)
     x = tf.random.uniform((2, img_size, img_size, channels), seed=1)
@@ -215,7 +217,7 @@ def test_resize_decoder_output_shapes(img_size, channels, num_convolutions, like
 
 
 def test_transpose_decoder_has_strided_transposed_convolutions():
-    model = vu.ExtendedCVAE(vu.ExtendedVAEConfig(img_size=32, channels=3, num_convolutions=3, filters=4))
+    model = vx.ExtendedCVAE(vx.ExtendedVAEConfig(img_size=32, channels=3, num_convolutions=3, filters=4))
     strided = [layer for layer in model.decoder.layers if type(layer).__name__ == "Conv2DTranspose"
                and layer.strides == (2, 2)]
     assert len(strided) == 3
@@ -224,16 +226,15 @@ def test_transpose_decoder_has_strided_transposed_convolutions():
 
 # --- ExtendedVAEConfig / ExtendedCVAE --------------------------------------------------------------------------------
 
-def extended_config(**changes) -> vu.ExtendedVAEConfig:
-    return vu.ExtendedVAEConfig(**{**dataclasses.asdict(TINY_CONFIG), **changes})
+def extended_config(**changes) -> vx.ExtendedVAEConfig:
+    return vx.ExtendedVAEConfig(**{**dataclasses.asdict(TINY_CONFIG), **changes})
 
 
 @pytest.mark.parametrize("changes, message", [
     (dict(upsampling="bilinear"), "upsampling='bilinear'"),
     (dict(likelihood="gaussian"), "likelihood='gaussian'"),
-    (dict(spatial_latent=1), "spatial_latent=1"),
     (dict(spatial_latent=True, latent_dim=50), "latent_dim divisible by grid_size**2 = 49"),
-    (dict(spatial_latent=True, latent_dim=98, encoder_padding="valid"), "must use encoder_padding='same'"),
+    (dict(spatial_latent=True, latent_dim=98, encoder_padding="valid"), "needs encoder_padding='same'"),
     (dict(latent_dim=0), "latent_dim=0"),  # the homework's checks still apply
 ])
 def test_extended_config_rejects(changes, message):
@@ -246,7 +247,7 @@ def test_extended_cvae_with_bernoulli_likelihood_is_the_homework_cvae(mnist_like
     """Same layers, same weights: the same logits, and the same loss as the homework's CVAE, epsilon for epsilon."""
     vu.set_seed(0)
     homework = vu.CVAE(TINY_CONFIG)
-    model = vu.ExtendedCVAE(extended_config())
+    model = vx.ExtendedCVAE(extended_config())
     assert [type(layer) for layer in model.decoder.layers] == [type(layer) for layer in homework.decoder.layers]
     model.set_weights(homework.get_weights())
     x = tf.constant(mnist_like[0][:16])
@@ -254,20 +255,20 @@ def test_extended_cvae_with_bernoulli_likelihood_is_the_homework_cvae(mnist_like
     np.testing.assert_allclose(model.decode(z).numpy(), homework.decode(z).numpy(), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(model.sample(z).numpy(), homework.sample(z).numpy(), rtol=1e-6, atol=1e-6)
     losses = []
-    for loss_fn, m in [(vu.compute_loss, homework), (vu.compute_loss, model), (vu.KLWarmup(), model)]:
+    for loss_fn, m in [(vu.compute_loss, homework), (vu.compute_loss, model), (vx.KLWarmup(), model)]:
         tf.random.set_seed(11)
         losses.append(float(loss_fn(m, x)))
     assert losses[1] == pytest.approx(losses[0], rel=1e-6) and losses[2] == pytest.approx(losses[0], rel=1e-6)
     logits = homework.decode(z)
-    np.testing.assert_allclose(vu.reconstruction_log_prob(model, x, logits).numpy(),
-                               vu.reconstruction_log_prob(homework, x, logits).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(model.reconstruction_log_prob(x, logits).numpy(),
+                               homework.reconstruction_log_prob(x, logits).numpy(), rtol=1e-6)
 
 
 @pytest.mark.parametrize("changes, channels_out", [
     (dict(likelihood="logistic"), 6), (dict(upsampling="resize"), 3), (dict(num_convolutions=3), 3),
     (dict(encoder_padding="valid"), 3)])
 def test_variants_keep_image_shape(seeded, changes, channels_out):
-    model = vu.ExtendedCVAE(vu.ExtendedVAEConfig(img_size=32, channels=3, latent_dim=4, **{**TINY, **changes}))
+    model = vx.ExtendedCVAE(vx.ExtendedVAEConfig(img_size=32, channels=3, latent_dim=4, **{**TINY, **changes}))
     x = tf.random.uniform((2, 32, 32, 3))
     assert model(x).shape == (2, 32, 32, channels_out)  # logistic: location and log-scale per channel
     assert model.sample(num_samples=2).shape == (2, 32, 32, 3)
@@ -276,9 +277,9 @@ def test_variants_keep_image_shape(seeded, changes, channels_out):
 @pytest.mark.parametrize("img_size, channels, latent_dim, upsampling", [(28, 1, 98, "transpose"),
                                                                         (32, 3, 128, "resize")])
 def test_spatial_latent_shapes(seeded, img_size, channels, latent_dim, upsampling):
-    config = vu.ExtendedVAEConfig(img_size=img_size, channels=channels, latent_dim=latent_dim, spatial_latent=True,
+    config = vx.ExtendedVAEConfig(img_size=img_size, channels=channels, latent_dim=latent_dim, spatial_latent=True,
                                   upsampling=upsampling, **TINY)
-    model = vu.ExtendedCVAE(config)
+    model = vx.ExtendedCVAE(config)
     x = tf.random.uniform((3, img_size, img_size, channels))
     mean, logvar = model.encode(x)
     assert mean.shape == logvar.shape == (3, latent_dim)
@@ -289,7 +290,7 @@ def test_spatial_latent_shapes(seeded, img_size, channels, latent_dim, upsamplin
 
 def test_spatial_latent_splits_mean_and_logvar_by_channel_and_keeps_locality(seeded):
     """The first half of the code holds the mean maps, and a code cell only sees (and shapes) its part of the image."""
-    model = vu.ExtendedCVAE(vu.ExtendedVAEConfig(img_size=32, channels=3, latent_dim=128, spatial_latent=True,
+    model = vx.ExtendedCVAE(vx.ExtendedVAEConfig(img_size=32, channels=3, latent_dim=128, spatial_latent=True,
                                                  **TINY))  # 8 x 8 grid, 2 channels per cell
     head = model.encoder.layers[-3]  # the Conv2D that outputs 2 mean and 2 log-variance maps
     kernel, bias = head.get_weights()
@@ -308,40 +309,40 @@ def test_spatial_latent_splits_mean_and_logvar_by_channel_and_keeps_locality(see
 
 @pytest.mark.parametrize("likelihood", ["logistic", "logistic_ar"])
 def test_gradients_of_the_extended_likelihoods(seeded, likelihood):
-    model = vu.ExtendedCVAE(vu.ExtendedVAEConfig(img_size=32, channels=3, latent_dim=3, likelihood=likelihood,
+    model = vx.ExtendedCVAE(vx.ExtendedVAEConfig(img_size=32, channels=3, latent_dim=3, likelihood=likelihood,
                                                  upsampling="resize", **TINY))
     images, _ = synthetic_images(8, 32, 3)
-    assert_gradients_reach_every_variable(model, vu.KLWarmup(), tf.constant(images))
+    assert_gradients_reach_every_variable(model, vx.KLWarmup(), tf.constant(images))
 
 
 # --- KL warm-up ------------------------------------------------------------------------------------------------------
 
 def test_kl_warmup_schedule_values():
-    warmup = vu.KLWarmup(3)
+    warmup = vx.KLWarmup(3)
     assert [warmup.weight(epoch) for epoch in range(1, 7)] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 1.0])
     assert float(warmup.kl_weight.numpy()) == pytest.approx(0.25)  # the first epoch's weight before training
     warmup.start_epoch(2)
     assert float(warmup.kl_weight.numpy()) == pytest.approx(0.5)
-    assert vu.KLWarmup(0).weight(1) == 1.0  # no warm-up: the plain ELBO from the first epoch
+    assert vx.KLWarmup(0).weight(1) == 1.0  # no warm-up: the plain ELBO from the first epoch
     for bad in (-1, 1.5, True, "2"):
         with pytest.raises(ValueError, match="warmup_epochs="):
-            vu.KLWarmup(bad)
+            vx.KLWarmup(bad)
 
 
 def test_kl_warmup_description_is_stable():
     """The description names the schedule only, not the weight it has reached: a resumed run keeps its signature."""
-    warmup = vu.KLWarmup(5)
+    warmup = vx.KLWarmup(5)
     before = warmup.description
     warmup.start_epoch(3)
-    assert before == warmup.description == vu.KLWarmup(5).description == "KLWarmup(warmup_epochs=5)"
-    assert vu.KLWarmup(4).description != before
+    assert before == warmup.description == vx.KLWarmup(5).description == "KLWarmup(warmup_epochs=5)"
+    assert vx.KLWarmup(4).description != before
 
 
 def test_kl_warmup_loss_interpolates_between_reconstruction_and_elbo():
     vu.set_seed(0)
     model = vu.CVAE(vu.VAEConfig(img_size=8, latent_dim=2, num_convolutions=1, filters=4))
     x = tf.random.uniform((4, 8, 8, 1), seed=2)
-    warmup = vu.KLWarmup(1)
+    warmup = vx.KLWarmup(1)
     losses = {}
     for weight in (0.0, 0.5, 1.0):
         warmup.kl_weight.assign(weight)
@@ -352,7 +353,7 @@ def test_kl_warmup_loss_interpolates_between_reconstruction_and_elbo():
     assert losses[0.5] == pytest.approx(0.5 * (losses[0.0] + losses[1.0]), rel=1e-5)
 
 
-class _WeightAsLoss(vu.KLWarmup):
+class _WeightAsLoss(vx.KLWarmup):
     """A warm-up whose loss is its current KL weight (plus a zero that touches every weight, for gradients)."""
 
     def __call__(self, model, x):
@@ -381,24 +382,24 @@ def test_mmd_to_prior_matches_compute_mmd_and_separates_distributions():
     codes = rng.normal(size=(200, 4)).astype(np.float32)
     prior = np.random.default_rng(7).standard_normal((200, 4))
     expected = float(vu.compute_mmd(tf.constant(codes, tf.float64), tf.constant(prior, tf.float64)))
-    assert vu.mmd_to_prior(codes, seed=7) == pytest.approx(expected, rel=1e-6)
-    shifted = vu.mmd_to_prior(codes + 2.0, seed=1)
-    matched = vu.mmd_to_prior(codes, seed=1)
+    assert vx.mmd_to_prior(codes, seed=7) == pytest.approx(expected, rel=1e-6)
+    shifted = vx.mmd_to_prior(codes + 2.0, seed=1)
+    matched = vx.mmd_to_prior(codes, seed=1)
     assert shifted > 10 * matched
     with pytest.raises(ValueError):
-        vu.mmd_to_prior(np.zeros(5))
+        vx.mmd_to_prior(np.zeros(5))
 
 
 def test_latent_distribution_summary_moments():
     codes = np.random.default_rng(0).normal(loc=[0.0, 3.0], scale=[1.0, 0.1], size=(2000, 2))
-    summary = vu.latent_distribution_summary(codes)
+    summary = vx.latent_distribution_summary(codes)
     np.testing.assert_allclose(summary["per_dim_mean"], [0.0, 3.0], atol=0.05)
     np.testing.assert_allclose(summary["per_dim_variance"], [1.0, 0.01], rtol=0.06)
     assert summary["mean_abs_mean"] == pytest.approx(1.5, abs=0.05)
     expected_kl = 0.5 * (0.01 + 9.0 - 1.0 - math.log(0.01))  # the second dimension; the first matches the prior
     assert summary["moment_kl_nats"] == pytest.approx(expected_kl, rel=0.02)
     assert summary["mmd_to_prior"] > 0.1
-    standard = vu.latent_distribution_summary(np.random.default_rng(1).standard_normal((1000, 2)))
+    standard = vx.latent_distribution_summary(np.random.default_rng(1).standard_normal((1000, 2)))
     assert standard["mmd_to_prior"] < 0.01 and standard["moment_kl_nats"] < 0.01
 
 
@@ -406,9 +407,9 @@ def test_aggregate_posterior_samples_shape_and_seed():
     vu.set_seed(0)
     model = vu.CVAE(vu.VAEConfig(img_size=8, latent_dim=3, num_convolutions=1, filters=4))
     images = np.random.default_rng(0).random((10, 8, 8, 1)).astype(np.float32)
-    first = vu.aggregate_posterior_samples(model, images, batch_size=4, seed=3)
+    first = vx.aggregate_posterior_samples(model, images, batch_size=4, seed=3)
     assert first.shape == (10, 3)
-    np.testing.assert_array_equal(first, vu.aggregate_posterior_samples(model, images, batch_size=4, seed=3))
+    np.testing.assert_array_equal(first, vx.aggregate_posterior_samples(model, images, batch_size=4, seed=3))
     assert not np.allclose(first, vu.encode_means(model, images))  # sampled, not the means
 
 
@@ -418,48 +419,21 @@ def test_compare_code_distributions_summarizes_each_model():
     for name, seed in (("first", 0), ("second", 1)):
         vu.set_seed(seed)
         models[name] = vu.CVAE(vu.VAEConfig(img_size=8, latent_dim=3, num_convolutions=1, filters=4))
-    summaries = vu.compare_code_distributions(models, images, seed=2)
+    summaries = vx.compare_code_distributions(models, images, seed=2)
     assert list(summaries) == ["first", "second"]
     for name, model in models.items():
-        codes = vu.aggregate_posterior_samples(model, images, seed=2)
-        assert summaries[name]["mmd_to_prior"] == pytest.approx(vu.latent_distribution_summary(codes, seed=2)["mmd_to_prior"])
+        codes = vx.aggregate_posterior_samples(model, images, seed=2)
+        assert summaries[name]["mmd_to_prior"] == pytest.approx(vx.latent_distribution_summary(codes, seed=2)["mmd_to_prior"])
         expected_std = float(tf.reduce_mean(tf.exp(0.5 * model.encode(images)[1])))
         assert summaries[name]["mean_posterior_std"] == pytest.approx(expected_std, rel=1e-5)
     assert summaries["first"]["mmd_to_prior"] != summaries["second"]["mmd_to_prior"]
 
 
-# --- checkerboard measure and crop figure ------------------------------------------------------------------------------
-
-def test_checkerboard_energy_detects_a_period_two_pattern():
-    rows, cols = np.meshgrid(np.arange(16), np.arange(16), indexing="ij")
-    smooth = (0.5 + 0.3 * np.sin(2 * np.pi * rows / 16) * np.cos(2 * np.pi * cols / 16))[None, ..., None]
-    checker = smooth + 0.05 * (-1.0) ** (rows + cols)[None, ..., None]
-    assert vu.checkerboard_energy(smooth) < 1e-6
-    assert vu.checkerboard_energy(checker) > 0.05
-    with pytest.raises(ValueError):
-        vu.checkerboard_energy(np.zeros((1, 15, 16, 1)))
-
-
-def test_plot_reconstruction_crops_returns_figure(tmp_path):
-    rng = np.random.default_rng(0)
-    images = rng.random((3, 32, 32, 3)).astype(np.float32)
-    figure = vu.plot_reconstruction_crops(images, {"transposed": images * 0.9, "resize": images * 0.8},
-                                          indices=(0, 2), box=(4, 6, 10), path=str(tmp_path / "crops.png"))
-    assert isinstance(figure, Figure)
-    assert len(figure.axes) == 2 * 4  # per row: full image, original crop, two models
-    assert figure.axes[1].images[0].get_array().shape[:2] == (10, 10)
-    assert (tmp_path / "crops.png").exists()
-    with pytest.raises(ValueError):
-        vu.plot_reconstruction_crops(images, {"a": images}, box=(30, 0, 8))
-    with pytest.raises(ValueError):
-        vu.plot_reconstruction_crops(images, {"a": images[:2]})
-
-
 def test_plot_latent_moments_returns_figure():
     rng = np.random.default_rng(0)
-    summaries = {"ELBO": vu.latent_distribution_summary(rng.normal(size=(300, 4))),
-                 "MMD": vu.latent_distribution_summary(rng.normal(scale=0.5, size=(300, 4)))}
-    figure = vu.plot_latent_moments(summaries)
+    summaries = {"ELBO": vx.latent_distribution_summary(rng.normal(size=(300, 4))),
+                 "MMD": vx.latent_distribution_summary(rng.normal(scale=0.5, size=(300, 4)))}
+    figure = vx.plot_latent_moments(summaries)
     assert isinstance(figure, Figure)
     assert len(figure.axes[1].lines) == 3  # two models and the prior's variance
 
@@ -467,10 +441,10 @@ def test_plot_latent_moments_returns_figure():
 # --- The MMD weight sweep ----------------------------------------------------------------------------------------------
 
 def test_prior_mmd_noise_floor_is_the_mmd_of_two_prior_samples():
-    floor = vu.prior_mmd_noise_floor(300, 4, seed=2)
-    expected = vu.mmd_to_prior(np.random.default_rng(3).standard_normal((300, 4)), seed=2)
+    floor = vx.prior_mmd_noise_floor(300, 4, seed=2)
+    expected = vx.mmd_to_prior(np.random.default_rng(3).standard_normal((300, 4)), seed=2)
     assert floor == pytest.approx(expected, rel=1e-12) and floor > 0.0
-    assert vu.prior_mmd_noise_floor(3000, 4) < vu.prior_mmd_noise_floor(100, 4)  # a biased estimator: ~1/N
+    assert vx.prior_mmd_noise_floor(3000, 4) < vx.prior_mmd_noise_floor(100, 4)  # a biased estimator: ~1/N
 
 
 @pytest.mark.parametrize("mmds, chosen", [
@@ -480,7 +454,7 @@ def test_prior_mmd_noise_floor_is_the_mmd_of_two_prior_samples():
 ])
 def test_choose_mmd_weight_takes_the_smallest_weight_that_matches_the_elbo_model(mmds, chosen):
     sweep = [{"mmd_weight": weight, "mmd_to_prior": mmd} for weight, mmd in zip((1.0, 10.0, 100.0, 1000.0), mmds)]
-    assert vu.choose_mmd_weight(sweep, reference_mmd=0.01) == chosen
+    assert vx.choose_mmd_weight(sweep, reference_mmd=0.01) == chosen
 
 
 def test_mmd_weight_sweep_trains_one_model_per_weight_and_chooses(capsys, tmp_path):
@@ -489,7 +463,7 @@ def test_mmd_weight_sweep_trains_one_model_per_weight_and_chooses(capsys, tmp_pa
     data = vu.DataSplits("mnist", images[:32], labels[:32], images[32:], labels[32:])
     config = vu.TrainConfig(epochs=1, batch_size=16)
     model_config = vu.VAEConfig(img_size=8, latent_dim=2, num_convolutions=1, filters=4)
-    sweep = vu.mmd_weight_sweep([1.0, 100.0], model_config, data, config, checkpoint_root=str(tmp_path),
+    sweep = vx.mmd_weight_sweep([1.0, 100.0], model_config, data, config, checkpoint_root=str(tmp_path),
                                 num_codes=12)
     assert [row["mmd_weight"] for row in sweep.rows] == [1.0, 100.0]
     for row in sweep.rows:
@@ -497,25 +471,77 @@ def test_mmd_weight_sweep_trains_one_model_per_weight_and_chooses(capsys, tmp_pa
         assert math.isfinite(row["psnr_db"]) and row["mmd_to_prior"] >= 0.0
     assert list(sweep.models) == ["ELBO", "weight 1", "weight 100"]
     assert all(isinstance(model, vu.CVAE) for model in sweep.models.values())
-    assert sweep.noise_floor == pytest.approx(vu.prior_mmd_noise_floor(12, 2))
-    assert sweep.chosen_weight == vu.choose_mmd_weight(sweep.rows, sweep.reference["mmd_to_prior"])
+    assert sweep.noise_floor == pytest.approx(vx.prior_mmd_noise_floor(12, 2))
+    assert sweep.chosen_weight == vx.choose_mmd_weight(sweep.rows, sweep.reference["mmd_to_prior"])
     assert {"psnr_db", "test_elbo", "mmd_to_prior"} <= set(sweep.reference) and sweep.reference["mmd_weight"] is None
     assert len([folder for folder in tmp_path.iterdir() if folder.is_dir()]) == 3  # a checkpoint per model
     printed = capsys.readouterr().out.strip().splitlines()
-    assert len(printed) == 3 and printed[0].startswith("ELBO loss: PSNR ") and printed[1].startswith("MMD weight 1: PSNR ")
-    figure = vu.plot_mmd_sweep(sweep)
+    assert len(printed) == 3
+    assert printed[0].startswith("ELBO loss: on the first 12 test images PSNR ")
+    assert printed[1].startswith("MMD weight 1: on the first 12 test images PSNR ")
+    figure = vx.plot_mmd_sweep(sweep)
     assert isinstance(figure, Figure) and len(figure.axes) == 2
     assert any(line.get_label() == f"chosen: {sweep.chosen_weight:g}" for line in figure.axes[1].lines)
     for bad in ([], [1.0, -1.0]):
         with pytest.raises(ValueError, match="weights is empty|mmd_weight="):
-            vu.mmd_weight_sweep(bad, model_config, data, config)
+            vx.mmd_weight_sweep(bad, model_config, data, config)
 
 
 def test_elbo_vs_mmd_table_has_one_column_per_model():
     metrics = {"test_elbo": -100.0, "iwae_nll_nats": 98.0, "psnr_db": 15.0, "active_units": 2, "probe_accuracy": 0.9}
     codes = {"mmd_to_prior": 0.01, "mean_abs_mean": 0.1, "mean_variance": 0.9, "moment_kl_nats": 0.2,
              "mean_posterior_std": 0.3}
-    table = vu.elbo_vs_mmd_table({"ELBO": metrics, "MMD": {**metrics, "psnr_db": 17.0}},
+    table = vx.elbo_vs_mmd_table({"ELBO": metrics, "MMD": {**metrics, "psnr_db": 17.0}},
                                  {"ELBO": codes, "MMD": {**codes, "mmd_to_prior": 0.001}})
     assert list(table.columns) == ["ELBO", "MMD"] and len(table) == 10
     assert table.loc["PSNR (dB)", "MMD"] == 17.0 and table.loc["MMD^2(q(z), N(0, I))", "ELBO"] == 0.01
+
+
+# --- scores of a trained model and the results table ------------------------------------------------------------------
+
+def test_iwae_bound_is_tighter_than_the_elbo_and_bits_per_dim_converts(tiny_model, mnist_like):
+    images = mnist_like[2][:16]
+    elbo = vu.evaluate_elbo(tiny_model, np.repeat(images, 64, axis=0))  # the expected 1-sample bound, closely
+    assert vx.iwae_nll(tiny_model, images, num_samples=1) == pytest.approx(-elbo, rel=0.01)
+    assert vx.iwae_nll(tiny_model, images, 64) < -elbo  # log of a mean of weights >= mean of their logs (Jensen)
+    assert vx.bits_per_dim(784 * math.log(2.0), 784) == pytest.approx(1.0)
+
+
+def test_probes_separate_separable_codes_and_refuse_one_class():
+    rng = np.random.default_rng(0)
+    labels = np.arange(200) % 2
+    codes = rng.normal(size=(200, 3)) + 4.0 * labels[:, None]
+    assert vx.linear_probe_accuracy(codes, labels, codes, labels) == 1.0
+    scores = vx.class_separability(codes, labels, codes, labels)
+    assert scores["probe_accuracy_pca2"] == 1.0 and scores["majority_class_accuracy"] == 0.5
+    assert vx.active_units(np.c_[codes[:, :2], np.full(200, 3.0)]) == 2
+    with pytest.raises(ValueError, match="one class"):
+        vx.linear_probe_accuracy(codes, np.zeros(200, int), codes, labels)
+
+
+def test_train_and_score_refuses_what_scoring_cannot_use_before_training(splits):
+    one_dim = vu.CVAE(vu.VAEConfig(latent_dim=1, **TINY))
+    with pytest.raises(ValueError, match="latent_dim=1"):
+        vx.train_and_score("one", one_dim, splits, vu.TrainConfig(epochs=1, batch_size=32))
+    single_class = dataclasses.replace(splits, train_labels=np.zeros_like(splits.train_labels))
+    with pytest.raises(ValueError, match="one class"):
+        vx.train_and_score("single", vu.CVAE(TINY_CONFIG), single_class, vu.TrainConfig(epochs=1, batch_size=32))
+
+
+def test_score_model_results_table_and_written_results(splits, tmp_path):
+    config = vu.TrainConfig(epochs=1, batch_size=64, precision="float32")
+    run = vx.train_and_score("tiny ELBO", vu.build_model(TINY_CONFIG, config), splits, config, iwae_samples=4,
+                             iwae_images=16, checkpoint_root=str(tmp_path), verbose=False)
+    result = run.result
+    assert result["test_elbo"] == run.history[-1]["test_elbo"] and result["loss"] == "vae_utils.compute_loss"
+    assert result["bits_per_dim"] == pytest.approx(result["iwae_nll_nats"] / (784 * math.log(2.0)))  # binary images
+    assert (tmp_path / "tiny_elbo").is_dir()
+    table = vx.results_table([result], vx.SUMMARY_COLUMNS)
+    assert list(table.columns) == [heading for heading, _ in vx.SUMMARY_COLUMNS.values()]
+    assert table.loc["tiny ELBO", "test ELBO"] == round(result["test_elbo"], 1)
+    vx.write_results(str(tmp_path / "results.json"), [result], quick=True)
+    assert json.loads((tmp_path / "results.json").read_text())["models"][0]["name"] == "tiny ELBO"
+    probes = vx.probe_table(run.model, splits, max_train=128)
+    assert list(probes.index) == ["latent means, all dimensions", "latent means, the plot's 2 principal components",
+                                  "raw pixels", "always the most frequent class"]
+    assert probes.iloc[:, 0].between(0, 100).all()

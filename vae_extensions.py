@@ -385,7 +385,7 @@ def results_table(results: Sequence[dict], columns: Mapping[str, tuple[str, int]
     table = pd.DataFrame(list(results)).set_index("name")
     if columns is None:
         return table
-    return pd.DataFrame({heading: table[key].astype(float).round(decimals)
+    return pd.DataFrame({heading: table[key].astype(float).round(decimals) if decimals else table[key].astype(int)
                          for key, (heading, decimals) in columns.items()})
 
 
@@ -474,7 +474,7 @@ def elbo_vs_mmd_table(results: Mapping[str, dict], summaries: Mapping[str, dict]
                   "mean_posterior_std": "mean posterior std exp(logvar / 2)"}
     return pd.DataFrame({name: {**{label: results[name][key] for key, label in metrics.items()},
                                 **{label: summaries[name][key] for key, label in code_stats.items()}}
-                         for name in results})
+                         for name in results}).map(lambda value: float(f"{value:.4g}"))  # 4 significant digits
 
 
 # ---------------------------------------------------------------------------------------------------------------------

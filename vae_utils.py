@@ -917,15 +917,15 @@ def plot_latent_space(codes_by_class: Mapping[int, np.ndarray], class_names: Seq
         axis.scatter(chosen[:, 0], chosen[:, 1], s=6, alpha=0.5, color=f"C{index % 10}", label=class_names[label])
         centres.append(project(class_codes.mean(axis=0, keepdims=True))[0])
         axis.scatter(*centres[-1], s=140, color=f"C{index % 10}", edgecolors="black", marker="X")
-    # Class names beside their means, pushed apart where means nearly coincide so that no two names overprint.
-    spread = np.ptp(np.asarray(centres), axis=0) + 1e-9
-    for index, (label, centre) in enumerate(zip(codes_by_class, centres)):
-        crowded = sum(np.all(np.abs((centre - other) / spread) < 0.06) for other in centres[:index])
-        axis.annotate(class_names[label], centre, xytext=(6, 6 - 13 * crowded), textcoords="offset points",
-                      fontsize=9, weight="bold",
-                      bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": f"C{index % 10}", "alpha": 0.85})
+    # Names in a column right of the plot, in the order of their means' heights, each joined to its mean by a line:
+    # means that nearly coincide (CIFAR-10's) would overprint names written beside them.
+    order = np.argsort([-centre[1] for centre in centres])
+    for rank, index in enumerate(order):
+        axis.annotate(class_names[list(codes_by_class)[index]], centres[index], xytext=(1.03, 0.95 - 0.9 * rank /
+                      max(1, len(order) - 1)), textcoords="axes fraction", va="center", fontsize=9, weight="bold",
+                      bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": f"C{index % 10}"},
+                      arrowprops={"arrowstyle": "-", "color": f"C{index % 10}", "lw": 0.8})
     axis.set(xlabel=labels[0], ylabel=labels[1], title=title)
-    axis.legend(markerscale=3, fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
     return _save(figure, path)
 
 
@@ -963,8 +963,8 @@ def draw_architecture(model: CVAE, path: str | None = None) -> Figure | None:
     """
     import matplotlib.image
 
-    titles = {model.encoder: f"Encoder: image -> [mean, log-variance], one vector of 2 x {model.config.latent_dim}",
-              model.decoder: f"Decoder: code of {model.config.latent_dim} -> one logit per pixel and channel"}
+    titles = {model.encoder: f"Encoder: image → [mean, log-variance] as one vector of 2 × {model.config.latent_dim}",
+              model.decoder: f"Decoder: code of {model.config.latent_dim} → one logit per pixel and channel"}
     diagrams = []
     with tempfile.TemporaryDirectory() as folder:
         for part in titles:
@@ -983,7 +983,7 @@ def draw_architecture(model: CVAE, path: str | None = None) -> Figure | None:
     figure = Figure(figsize=(sum(widths) / 70 + 1, max(heights) / 70 + 0.8), layout="constrained")
     for axis, diagram, title in zip(figure.subplots(1, 2, width_ratios=widths), diagrams, titles.values()):
         axis.imshow(diagram)
-        axis.set_title(title, fontsize=10)
+        axis.set_title(title, fontsize=14, weight="bold")
         axis.axis("off")
     return _save(figure, path)
 

@@ -474,7 +474,7 @@ def elbo_vs_mmd_table(results: Mapping[str, dict], summaries: Mapping[str, dict]
                   "mean_posterior_std": "mean posterior std exp(logvar / 2)"}
     return pd.DataFrame({name: {**{label: results[name][key] for key, label in metrics.items()},
                                 **{label: summaries[name][key] for key, label in code_stats.items()}}
-                         for name in results}).map(lambda value: float(f"{value:.4g}"))  # 4 significant digits
+                         for name in results}).map(lambda value: f"{value:.4g}")  # 4 significant digits, as text
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -308,12 +308,10 @@ def set_seed(seed: int) -> None:
 # Losses
 # ---------------------------------------------------------------------------------------------------------------------
 
-LOG_2PI = math.log(2.0 * math.pi)
-
-
 def log_normal_pdf(sample, mean, logvar, raxis=1):
     """Log-density of a diagonal Gaussian N(mean, exp(logvar)) at `sample`, summed over `raxis`."""
-    return tf.reduce_sum(-0.5 * ((sample - mean) ** 2.0 * tf.exp(-logvar) + logvar + LOG_2PI), axis=raxis)
+    log2pi = math.log(2.0 * math.pi)
+    return tf.reduce_sum(-0.5 * ((sample - mean) ** 2.0 * tf.exp(-logvar) + logvar + log2pi), axis=raxis)
 
 
 def compute_loss(model, x):
@@ -601,14 +599,7 @@ def main_train_loop(model: CVAE, train_images: np.ndarray, test_images: np.ndarr
         loss_sum, done = 0.0, 0
         while done < steps_per_epoch:
             losses = train_steps(iterator, tf.constant(min(config.steps_per_execution, steps_per_epoch - done))).numpy()
-            if not np.isfinite(losses).all():
-                step = done + int(np.flatnonzero(~np.isfinite(losses))[0]) + 1
-                raise NonFiniteLossError(
-                    f"loss became {losses[step - done - 1]} at epoch {epoch}, step {step} of {steps_per_epoch}; "
-                    f"training stopped" + (f" (the checkpoint of epoch {epoch - 1} is kept)"
-                                           if checkpoint_dir and epoch > 1 else "")
-                    + ". Lower the learning rate (allow_new_settings=True continues the checkpoint with it) "
-                      "or check the inputs.")
+            _check_finite(losses, epoch, done, steps_per_epoch, checkpoint_dir)
             loss_sum, done = loss_sum + float(losses.sum()), done + len(losses)
             progress.update(done, [("loss", loss_sum / done)])  # the bar's time: this epoch's training so far
         train_seconds = time.perf_counter() - started
@@ -621,6 +612,15 @@ def main_train_loop(model: CVAE, train_images: np.ndarray, test_images: np.ndarr
         if on_epoch_end is not None:
             on_epoch_end(epoch, model, history[-1])
     return history
+
+
+def _check_finite(losses, epoch, done, steps_per_epoch, checkpoint_dir) -> None:
+    if not np.isfinite(losses).all():  # name the epoch and step of the first NaN or infinite loss
+        bad = int(np.flatnonzero(~np.isfinite(losses))[0])
+        kept = f" (the checkpoint of epoch {epoch - 1} is kept)" if checkpoint_dir and epoch > 1 else ""
+        raise NonFiniteLossError(f"loss became {losses[bad]} at epoch {epoch}, step {done + bad + 1} of "
+                                 f"{steps_per_epoch}; training stopped{kept}. Lower the learning rate "
+                                 f"(allow_new_settings=True continues the checkpoint with it) or check the inputs.")
 
 
 def _check_training_inputs(model, train_images, test_images, config, strategy):
@@ -725,9 +725,9 @@ class RunCheckpoint:
                 continue
             self.history = saved["history"]
             if verbose:
-                state = f"resuming at epoch {len(self.history) + 1}" if len(self.history) < self.record[
-                    "training.epochs"] else "complete"
-                print(f"Restored {path}: {len(self.history)} epoch(s) done, {state}.")
+                done = len(self.history)
+                print(f"Restored {path}: {done} epoch(s) done, " + (f"resuming at epoch {done + 1}." if done <
+                      self.record["training.epochs"] else "complete."))
             return
         if damaged:
             raise OSError(f"no checkpoint in {self._manager.directory} restores ({', '.join(damaged)}); move the "

@@ -6,7 +6,6 @@ import math
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import vae_utils
 from conftest import TINY, TINY_CONFIG

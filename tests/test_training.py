@@ -14,7 +14,6 @@ import pytest
 import tensorflow as tf
 
 import vae_utils
-from _train_child import EpochMarkers
 from conftest import TINY_CONFIG as CONFIG, synthetic_images
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -13,6 +13,7 @@ import numpy as np
 import tensorflow as tf
 from matplotlib.figure import Figure
 
+import vae_runtime as vr
 import vae_utils as vu
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -207,7 +208,7 @@ class KLWarmup:
     """
 
     def __init__(self, warmup_epochs: int = 0):
-        if not vu._is_int(warmup_epochs) or warmup_epochs < 0:
+        if not vr.is_int(warmup_epochs) or warmup_epochs < 0:
             raise ValueError(f"warmup_epochs={warmup_epochs!r} must be an integer >= 0")
         self.warmup_epochs = int(warmup_epochs)
         self.kl_weight = tf.Variable(self.weight(1), trainable=False, dtype=tf.float32, name="kl_weight")
@@ -229,7 +230,7 @@ class KLWarmup:
 
 def active_units(latent_means: np.ndarray, threshold: float = 0.01) -> int:
     """Number of latent dimensions whose mean code varies over the data by more than `threshold` (Burda et al.)."""
-    return int(np.sum(np.var(vu._check_codes(latent_means, "latent_means"), axis=0) > threshold))
+    return int(np.sum(np.var(vr.check_codes(latent_means, "latent_means"), axis=0) > threshold))
 
 
 def linear_probe_accuracy(train_codes, train_labels, test_codes, test_labels, max_train: int | None = None,
@@ -240,9 +241,9 @@ def linear_probe_accuracy(train_codes, train_labels, test_codes, test_labels, ma
     from sklearn.preprocessing import StandardScaler
     from threadpoolctl import threadpool_limits
 
-    train_codes, test_codes = vu._check_codes(train_codes, "train_codes"), vu._check_codes(test_codes, "test_codes")
-    train_labels = vu._check_labels(train_labels, len(train_codes), "train_labels")
-    test_labels = vu._check_labels(test_labels, len(test_codes), "test_labels")
+    train_codes, test_codes = vr.check_codes(train_codes, "train_codes"), vr.check_codes(test_codes, "test_codes")
+    train_labels = vr.check_labels(train_labels, len(train_codes), "train_labels")
+    test_labels = vr.check_labels(test_labels, len(test_codes), "test_labels")
     chosen = np.random.default_rng(seed).permutation(len(train_codes))[:max_train]
     _check_two_classes(train_labels[chosen])
     probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
@@ -262,8 +263,8 @@ def class_separability(train_codes, train_labels, test_codes, test_labels, seed:
     """Linear-probe test accuracy on all latent dimensions and on the 2-D PCA projection a latent plot shows."""
     from sklearn.decomposition import PCA
 
-    pca = PCA(2, random_state=seed).fit(vu._check_codes(train_codes, "train_codes", min_dims=2))
-    majority = np.bincount(vu._check_labels(train_labels, len(train_codes), "train_labels")).argmax()
+    pca = PCA(2, random_state=seed).fit(vr.check_codes(train_codes, "train_codes", min_dims=2))
+    majority = np.bincount(vr.check_labels(train_labels, len(train_codes), "train_labels")).argmax()
     return {"probe_accuracy": linear_probe_accuracy(train_codes, train_labels, test_codes, test_labels, seed=seed),
             "probe_accuracy_pca2": linear_probe_accuracy(pca.transform(train_codes), train_labels,
                                                          pca.transform(test_codes), test_labels, seed=seed),
@@ -366,7 +367,7 @@ def score_model(name: str, model: vu.CVAE, history: list[dict], data: vu.DataSpl
                 batch_size: int = 1000) -> TrainedModel:
     """Score a model that `main_train_loop` trained and return it with its results row (test ELBO: the last epoch's)."""
     metrics = model_metrics(model, data, iwae_samples=iwae_samples, iwae_images=iwae_images, batch_size=batch_size)
-    result = {"name": name, "dataset": data.name, "loss": vu.describe_loss(loss_fn), "epochs": len(history),
+    result = {"name": name, "dataset": data.name, "loss": vr.describe_loss(loss_fn), "epochs": len(history),
               "train_images": len(data.train_images), "train_seconds": round(sum(r["seconds"] for r in history), 1),
               **metrics, "test_elbo": history[-1]["test_elbo"]}
     return TrainedModel(name, model, history, result)
@@ -404,7 +405,7 @@ def aggregate_posterior_samples(model: vu.CVAE, images: np.ndarray, batch_size: 
                                 seed: int = 0) -> np.ndarray:
     """One code z ~ q(z|x) per image, i.e. samples of the aggregate posterior q(z) over `images`, (N, latent_dim)."""
     codes = []
-    for index, batch in enumerate(vu.make_dataset(vu._check_images(images, model.config), batch_size)):
+    for index, batch in enumerate(vu.make_dataset(vr.check_images(images, model.config), batch_size)):
         mean, logvar = model.encode(batch)
         eps = tf.random.stateless_normal(tf.shape(mean), seed=(seed, index))  # seeded: repeatable summaries
         codes.append((mean + eps * tf.exp(0.5 * logvar)).numpy())
@@ -416,7 +417,7 @@ def mmd_to_prior(codes: np.ndarray, num_prior_samples: int | None = None, seed: 
 
     Computed in float64 NumPy through ||x||^2 + ||y||^2 - 2 x.y, so thousands of codes need no (N, N, D) tensor.
     """
-    codes = vu._check_codes(codes).astype(np.float64)
+    codes = vr.check_codes(codes).astype(np.float64)
     prior = np.random.default_rng(seed).standard_normal((num_prior_samples or len(codes), codes.shape[1]))
 
     def mean_kernel(x, y):
@@ -433,7 +434,7 @@ def prior_mmd_noise_floor(num_codes: int, latent_dim: int, seed: int = 0) -> flo
 
 def latent_distribution_summary(codes: np.ndarray, seed: int = 0) -> dict:
     """MMD^2 of samples of q(z) to the prior, their per-dimension means and variances, and summaries of both."""
-    codes = vu._check_codes(codes).astype(np.float64)
+    codes = vr.check_codes(codes).astype(np.float64)
     means, variances = codes.mean(axis=0), codes.var(axis=0)
     return {
         "mmd_to_prior": mmd_to_prior(codes, seed=seed),
@@ -551,7 +552,7 @@ def choose_mmd_weight(rows: Sequence[dict], reference_mmd: float) -> float:
 def walk_between_images(model: vu.CVAE, src_image, dst_image, steps: int = 10,
                         names: tuple[str, str] = ("source", "destination"), path: str | None = None) -> Figure:
     """Decode `steps` codes evenly spaced from the latent mean of one image to that of another, beside the two."""
-    pair = vu._check_images(np.stack([src_image, dst_image]), model.config, "src_image and dst_image")
+    pair = vr.check_images(np.stack([src_image, dst_image]), model.config, "src_image and dst_image")
     start, end = vu.encode_means(model, pair)
     images = np.concatenate([pair[:1], vu.decode_line(model, start, end, steps), pair[1:]])
     titles = [f"{names[0]} (input)"] + [f"{t:.2f}" for t in np.linspace(0, 1, steps)] + [f"{names[1]} (input)"]

@@ -9,14 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import json
 import math
 import numbers
 import os
-import platform
 import re
-import sys
 import tempfile
 import time
 from typing import Callable, Mapping, Sequence
@@ -24,6 +20,8 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import tensorflow as tf
 from matplotlib.figure import Figure
+
+import vae_runtime as vr
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Data
@@ -129,53 +127,12 @@ def prepare_data(name: str, data_dir: str | None = None, max_train: int | None =
     `max_train` / `max_test` keep only the first images of each split (the notebook's QUICK smoke run).
     """
     for argument, value in (("max_train", max_train), ("max_test", max_test)):
-        if value is not None and not (_is_int(value) and value >= 1):
+        if value is not None and not (vr.is_int(value) and value >= 1):
             raise ValueError(f"{argument}={value!r} must be None or an integer >= 1")
     (x_train, y_train), (x_test, y_test) = load_dataset(name, data_dir)
     binarize = name == "mnist"  # binary pixels make the Bernoulli likelihood a proper model of the data
     return DataSplits(name, preprocess_images(x_train[:max_train], binarize), np.ravel(y_train[:max_train]),
                       preprocess_images(x_test[:max_test], binarize), np.ravel(y_test[:max_test]))
-
-
-# Checks of what users hand in: images, labels and codes. Each names the argument, before any TensorFlow work.
-
-def _is_int(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def _check_images(images, config: VAEConfig | None = None, name: str = "images") -> np.ndarray:
-    """`images` as float32 after checking they are model-ready: (N, H, W, C), finite, in [0, 1], the model's shape."""
-    images = np.asarray(images)
-    if images.ndim != 4 or len(images) == 0 or not np.issubdtype(images.dtype, np.floating):
-        raise ValueError(f"{name} must be a non-empty float (N, H, W, C) array, got {images.dtype} {images.shape}; "
-                         f"use preprocess_images() on raw uint8 images")
-    images = images.astype(np.float32, copy=False)
-    if not np.isfinite(images).all() or images.min() < 0.0 or images.max() > 1.0:
-        raise ValueError(f"{name} must be finite and lie in [0, 1]; use preprocess_images() on raw uint8 images")
-    if config is not None and images.shape[1:] != (config.img_size, config.img_size, config.channels):
-        raise ValueError(f"{name} have shape {images.shape[1:]} but the model expects "
-                         f"({config.img_size}, {config.img_size}, {config.channels})")
-    return images
-
-
-def _check_labels(labels, count: int, name: str = "labels") -> np.ndarray:
-    """`labels` as a flat int64 array after checking: integer class indices >= 0, one per image."""
-    labels = np.asarray(labels)
-    labels = labels.reshape(-1) if labels.ndim == 2 and labels.shape[1] == 1 else labels
-    if labels.shape != (count,) or not np.issubdtype(labels.dtype, np.integer) or (count and labels.min() < 0):
-        raise ValueError(f"{name} must be {count} integer class indices >= 0, one per image, got {labels.dtype} "
-                         f"{labels.shape}")
-    return labels.astype(np.int64)
-
-
-def _check_codes(codes, name: str = "codes", min_dims: int = 1) -> np.ndarray:
-    """Latent codes: a finite real (N, D) array with N >= 1 and D >= `min_dims`."""
-    codes = np.asarray(codes)
-    if codes.ndim != 2 or len(codes) == 0 or codes.shape[1] < min_dims or not np.issubdtype(codes.dtype, np.number):
-        raise ValueError(f"{name} must be a real (N, D) array, N >= 1, D >= {min_dims}: {codes.dtype} {codes.shape}")
-    if not np.isfinite(codes).all():
-        raise ValueError(f"{name} hold NaN or infinite values (a class without images has a NaN mean)")
-    return codes
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -207,7 +164,7 @@ class VAEConfig:
 
     def __post_init__(self):
         for field in ("img_size", "channels", "latent_dim", "num_convolutions", "filters", "kernel_size", "strides"):
-            if not (_is_int(getattr(self, field)) and getattr(self, field) >= 1):
+            if not (vr.is_int(getattr(self, field)) and getattr(self, field) >= 1):
                 raise ValueError(f"{field}={getattr(self, field)!r} must be an integer >= 1")
         decoder_grid_size(self.img_size, self.num_convolutions, self.strides)
         if self.encoder_padding not in ("same", "valid"):
@@ -237,6 +194,9 @@ class CVAE(tf.keras.Model):
         self.config = config
         self.encoder = self.build_encoder(config)
         self.decoder = self.build_decoder(config)
+        # The model's own source of noise, saved with its weights; main_train_loop keys it on (seed, epoch), so that
+        # a resumed run draws what an uninterrupted one drew.
+        self.rng = tf.random.Generator.from_seed(0)
 
     def build_encoder(self, config: VAEConfig) -> tf.keras.Sequential:
         return tf.keras.Sequential(
@@ -268,7 +228,7 @@ class CVAE(tf.keras.Model):
 
     def reparameterize(self, mean, logvar):
         """Draw z = mean + sigma * eps with eps ~ N(0, I), so the randomness sits outside the trainable path."""
-        eps = tf.random.normal(shape=tf.shape(mean))
+        eps = self.rng.normal(shape=tf.shape(mean))
         return eps * tf.exp(logvar * 0.5) + mean
 
     def decode(self, z, apply_sigmoid=False):
@@ -282,7 +242,7 @@ class CVAE(tf.keras.Model):
     def sample(self, eps=None, num_samples=100):
         """Decode latent codes `eps` (drawn from the prior N(0, I) when not given) into images."""
         if eps is None:
-            eps = tf.random.normal(shape=(num_samples, self.config.latent_dim))
+            eps = self.rng.normal(shape=(num_samples, self.config.latent_dim))
         return self.decode(eps, apply_sigmoid=True)
 
     def call(self, x):
@@ -352,7 +312,7 @@ def compute_mmd_loss(model, x, mmd_weight=1000.0):
     x_logit = model.decode(z)
     cross_ent = tf.nn.sigmoid_cross_entropy_with_logits(logits=x_logit, labels=x)
     reconstruction_nll = tf.reduce_sum(cross_ent, axis=[1, 2, 3])
-    prior_samples = tf.random.normal(shape=tf.shape(z))
+    prior_samples = model.rng.normal(shape=tf.shape(z))
     return tf.reduce_mean(reconstruction_nll) + mmd_weight * compute_mmd(z, prior_samples)
 
 
@@ -399,7 +359,7 @@ def elbo_per_example(model: CVAE, x, analytic_kl: bool = False, kl_weight=1.0, t
 # Training
 # ---------------------------------------------------------------------------------------------------------------------
 
-PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
+PRECISIONS = vr.PRECISIONS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -417,7 +377,7 @@ class TrainConfig:
 
     def __post_init__(self):
         for field in ("epochs", "batch_size", "steps_per_execution", "eval_batch_size", "seed"):
-            if not (_is_int(getattr(self, field)) and getattr(self, field) >= (field != "seed")):
+            if not (vr.is_int(getattr(self, field)) and getattr(self, field) >= (field != "seed")):
                 raise ValueError(f"{field}={getattr(self, field)!r} must be an integer >= {int(field != 'seed')}")
         if isinstance(self.learning_rate, bool) or not 0 < self.learning_rate < math.inf:
             raise ValueError(f"learning_rate={self.learning_rate!r} must be a finite number > 0")
@@ -425,83 +385,6 @@ class TrainConfig:
             raise ValueError(f"lr_schedule={self.lr_schedule!r} must be 'constant' or 'cosine'")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision={self.precision!r} must be one of {PRECISIONS}")
-
-
-def get_strategy(verbose: bool = True) -> tf.distribute.Strategy:
-    """TPUStrategy where TensorFlow lists TPUs or `TPU_NAME` names one, MirroredStrategy over several GPUs, else one
-    device; say which and why. (Colab's TPU runtimes have no TensorFlow today.)"""
-    strategy, reason = None, ""
-    tpu_name = os.environ.get("TPU_NAME", "")
-    if tpu_name or tf.config.list_physical_devices("TPU"):
-        try:
-            resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu_name or "local")
-            tf.config.experimental_connect_to_cluster(resolver)
-            tf.tpu.experimental.initialize_tpu_system(resolver)
-            strategy, reason = tf.distribute.TPUStrategy(resolver), f"TPU {tpu_name or 'local'}"
-        except Exception as error:  # noqa: BLE001 - whatever the resolver raises, the next-best strategy is used
-            print(f"TPU not used ({type(error).__name__}: {str(error).strip().partition(chr(10))[0][:160]}); trying "
-                  f"the GPUs and the CPU.")
-    gpus = tf.config.list_logical_devices("GPU")
-    if strategy is None and len(gpus) > 1:
-        strategy, reason = tf.distribute.MirroredStrategy(), f"{len(gpus)} GPUs, one replica each"
-    if strategy is None:
-        strategy = tf.distribute.get_strategy()
-        reason = "one device: " + ("the GPU" if gpus else "the CPU, as TensorFlow sees no GPU or TPU")
-    if verbose:
-        print(f"Strategy: {type(strategy).__name__} with {strategy.num_replicas_in_sync} replica(s); {reason}")
-    return strategy
-
-
-def _cpu_flags() -> set[str]:
-    """The CPU's feature flags from /proc/cpuinfo (Linux); empty where there is no such file."""
-    try:
-        with open("/proc/cpuinfo") as handle:
-            return next((set(line.split(":", 1)[1].split()) for line in handle if line.startswith("flags")), set())
-    except OSError:
-        return set()
-
-
-def _gpu_capabilities() -> list[tuple[int, int]]:
-    return [tuple(tf.config.experimental.get_device_details(gpu).get("compute_capability", (0, 0)))
-            for gpu in tf.config.list_physical_devices("GPU")]
-
-
-def choose_precision(requested: str = "auto", *, cpu_flags: set[str] | None = None,
-                     gpu_capabilities: Sequence[tuple[int, int]] | None = None, tpu: bool | None = None,
-                     verbose: bool = False) -> str:
-    """The Keras dtype policy for `requested` on this machine (or on the one the keywords describe), and say why.
-
-    "auto": mixed_bfloat16 on TPUs, on GPUs of compute capability 8.0 or more (A100, L4) and on CPUs with native
-    bfloat16 (avx512_bf16 or amx_bf16); mixed_float16, with loss scaling, on GPUs of capability 7.x (T4, V100);
-    float32 otherwise. Variables and the loss stay float32 in every policy (see CVAE.decode).
-    """
-    if requested not in PRECISIONS:
-        raise ValueError(f"precision={requested!r} must be one of {PRECISIONS}")
-    policy, reason = requested, "as configured"
-    if requested == "auto":
-        tpu = bool(tf.config.list_logical_devices("TPU")) if tpu is None else tpu
-        gpus = _gpu_capabilities() if gpu_capabilities is None else [tuple(c) for c in gpu_capabilities]
-        flags = (_cpu_flags() if cpu_flags is None else set(cpu_flags)) & {"avx512_bf16", "amx_bf16"}
-        if tpu:
-            policy, reason = "mixed_bfloat16", "TPUs multiply bfloat16 natively"
-        elif gpus and min(gpus) >= (8, 0):
-            policy, reason = "mixed_bfloat16", f"GPU compute capability {min(gpus)[0]}.{min(gpus)[1]} >= 8.0"
-        elif gpus and min(gpus) >= (7, 0):
-            policy, reason = "mixed_float16", f"GPU compute capability {min(gpus)[0]}.{min(gpus)[1]}: float16, no bf16"
-        elif gpus:
-            policy, reason = "float32", "the GPU predates float16 tensor cores (compute capability < 7.0)"
-        elif flags:
-            policy, reason = "mixed_bfloat16", f"the CPU has {' and '.join(sorted(flags))}"
-        else:
-            policy, reason = "float32", "no bfloat16 or float16 hardware found"
-    if verbose:
-        print(f"Precision: {policy} ({reason})")
-    return policy
-
-
-def model_precision(model: CVAE) -> str:
-    """The dtype policy the model's layers compute in (what the losses read, codes and logits, is float32)."""
-    return model.encoder.layers[0].dtype_policy.name
 
 
 def build_model(config: VAEConfig, train_config: TrainConfig = TrainConfig(),
@@ -513,7 +396,7 @@ def build_model(config: VAEConfig, train_config: TrainConfig = TrainConfig(),
     set_seed(train_config.seed)
     previous_policy = tf.keras.mixed_precision.global_policy()
     # Layers take the global policy when they are built; restore it so that nothing else is affected.
-    tf.keras.mixed_precision.set_global_policy(choose_precision(train_config.precision))
+    tf.keras.mixed_precision.set_global_policy(vr.choose_precision(train_config.precision))
     try:
         with (strategy or tf.distribute.get_strategy()).scope():
             return model_class(config)
@@ -521,238 +404,58 @@ def build_model(config: VAEConfig, train_config: TrainConfig = TrainConfig(),
         tf.keras.mixed_precision.set_global_policy(previous_policy)
 
 
-def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> tf.keras.optimizers.Optimizer:
-    """Adam at the configured learning rate, constant or decayed along a cosine over all the run's steps."""
-    if config.lr_schedule == "constant":
-        return tf.keras.optimizers.Adam(config.learning_rate)
-    # The schedule is a function of the optimizer's step count, which the checkpoint restores.
-    return tf.keras.optimizers.Adam(tf.keras.optimizers.schedules.CosineDecay(
-        config.learning_rate, decay_steps=config.epochs * steps_per_epoch, alpha=0.05))
 
-
-def make_train_function(model: CVAE, optimizer, loss_fn: Callable, strategy: tf.distribute.Strategy):
-    """Build a `tf.function` that runs `num_steps` GradientTape steps from a distributed iterator.
-
-    Returns the per-step mean loss over replicas, so the caller synchronises with the device once per call.
-    """
-    replicas = strategy.num_replicas_in_sync
-
-    def train_step(x):
-        with tf.GradientTape() as tape:
-            loss = loss_fn(model, x)
-            # Each replica sees an equal share of a fixed global batch, so dividing by the replica count makes the
-            # summed gradients those of the global-batch mean. scale_loss multiplies by the float16 loss scale
-            # (identity otherwise), which apply_gradients divides out again, skipping steps that overflowed.
-            scaled_loss = optimizer.scale_loss(loss / replicas)
-        gradients = tape.gradient(scaled_loss, model.trainable_variables)
-        optimizer.apply_gradients(zip(gradients, model.trainable_variables))
-        return loss
-
-    @tf.function
-    def train_steps(iterator, num_steps):
-        losses = tf.TensorArray(tf.float32, size=num_steps)
-        for step in tf.range(num_steps):
-            per_replica_loss = strategy.run(train_step, args=(next(iterator),))
-            losses = losses.write(step, strategy.reduce(tf.distribute.ReduceOp.MEAN, per_replica_loss, axis=None))
-        return losses.stack()
-
-    return train_steps
-
-
-class NonFiniteLossError(FloatingPointError):
-    """Training produced a NaN or infinite loss."""
+def train_step(model: CVAE, x, optimizer, loss_fn: Callable = compute_loss):
+    """One optimizer step on the loss of the batch `x`; returns the loss."""
+    with tf.GradientTape() as tape:
+        loss = loss_fn(model, x)
+        # Under float16 the optimizer multiplies the loss by its loss scale (and divides the gradients by it); in
+        # every other precision this is the identity.
+        scaled_loss = optimizer.scale_loss(loss)
+    gradients = tape.gradient(scaled_loss, model.trainable_variables)
+    optimizer.apply_gradients(zip(gradients, model.trainable_variables))
+    return loss
 
 
 def main_train_loop(model: CVAE, train_images: np.ndarray, test_images: np.ndarray, config: TrainConfig,
-                    loss_fn: Callable = compute_loss, *, strategy: tf.distribute.Strategy | None = None,
-                    checkpoint_dir: str | None = None, allow_new_settings: bool = False,
-                    on_epoch_end: Callable | None = None, verbose: bool = True) -> list[dict]:
-    """Train `model` with Adam as `config` says, show each epoch's time and test ELBO, and return the history.
+                    loss_fn: Callable = compute_loss, *, test_sample: np.ndarray | None = None,
+                    strategy: tf.distribute.Strategy | None = None, checkpoint_dir: str | None = None,
+                    allow_new_settings: bool = False, on_epoch_end: Callable | None = None,
+                    verbose: bool = True) -> list[dict]:
+    """Train `model` with Adam as `config` says; after each epoch show its time, its test ELBO and the reconstructions
+    of `test_sample`, and return the history (one dict per epoch; `train_loss` is the epoch's mean of `loss_fn`).
 
-    With `checkpoint_dir`, each epoch is checkpointed and a new call resumes after the last completed one (see
-    `RunCheckpoint`); `allow_new_settings=True` continues it with another learning rate, schedule or fewer epochs.
-    `on_epoch_end(epoch, model, row)` runs after each epoch (e.g. to show reconstructions).
+    With `checkpoint_dir`, each epoch is checkpointed and a new call resumes after the last one saved, showing the
+    epochs already done as they were shown (see `vae_runtime.TrainingRun`); `allow_new_settings=True` continues it
+    with another learning rate or schedule. `on_epoch_end(epoch, model, row)` runs after each trained epoch.
     """
-    strategy = strategy or tf.distribute.get_strategy()
-    train_images, test_images = _check_training_inputs(model, train_images, test_images, config, strategy)
-    steps_per_epoch = len(train_images) // config.batch_size  # whole batches: static shapes, equal replica shares
-    with strategy.scope():
-        optimizer = make_optimizer(config, steps_per_epoch)
-        if model_precision(model) == "mixed_float16":  # float16 gradients underflow without a loss scale
-            optimizer = tf.keras.optimizers.LossScaleOptimizer(optimizer)
-        optimizer.build(model.trainable_variables)
-    train_steps = make_train_function(model, optimizer, loss_fn, strategy)
-    run = RunCheckpoint(checkpoint_dir, model, optimizer, run_record(model, config, loss_fn, train_images),
-                        allow_new_settings, verbose)
-    history = run.history
-    for epoch in range(len(history) + 1, config.epochs + 1):
-        if verbose:
-            print(f"Epoch {epoch}/{config.epochs}")
-        progress = tf.keras.utils.Progbar(steps_per_epoch, stateful_metrics=["loss"], verbose=int(verbose))
-        started = time.perf_counter()
-        # A shuffle seeded by the epoch makes a resumed run see the same batches as an uninterrupted one.
-        dataset = make_dataset(train_images, config.batch_size, shuffle_seed=config.seed * 100_003 + epoch,
-                               drop_remainder=True)
-        iterator = iter(strategy.experimental_distribute_dataset(dataset))
-        if hasattr(loss_fn, "start_epoch"):
-            loss_fn.start_epoch(epoch)  # e.g. the KL weight of a warm-up schedule
-        loss_sum, done = 0.0, 0
-        while done < steps_per_epoch:
-            losses = train_steps(iterator, tf.constant(min(config.steps_per_execution, steps_per_epoch - done))).numpy()
-            _check_finite(losses, epoch, done, steps_per_epoch, checkpoint_dir)
-            loss_sum, done = loss_sum + float(losses.sum()), done + len(losses)
-            progress.update(done, [("loss", loss_sum / done)])  # the bar's time: this epoch's training so far
-        train_seconds = time.perf_counter() - started
+    run = vr.TrainingRun(model, train_images, test_images, config, loss_fn, train_step, test_sample=test_sample,
+                         strategy=strategy, checkpoint_dir=checkpoint_dir, allow_new_settings=allow_new_settings,
+                         on_epoch_end=on_epoch_end, verbose=verbose)
+    for row in run.history:  # epochs restored from a checkpoint, shown as they were when trained
+        report_epoch(row, config.epochs, run.saved_figure(row["epoch"]), verbose)
+    for epoch in range(len(run.history) + 1, config.epochs + 1):
+        start_time = time.perf_counter()
+        train_loss = run.train_epoch(epoch)  # one shuffled pass of train_step over the training images
+        end_time = time.perf_counter()
         test_elbo = evaluate_elbo(model, test_images, config.eval_batch_size)
-        if verbose:
-            print(f"Epoch {epoch}/{config.epochs}: {train_seconds:.1f} s training, test ELBO {test_elbo:.2f} nats")
-        history.append({"epoch": epoch, "seconds": round(train_seconds, 2), "train_loss": loss_sum / done,
-                        "test_elbo": test_elbo})
-        run.save(history)
+        figure = None if test_sample is None else generate_and_display_images(model, epoch, test_sample)
+        row = {"epoch": epoch, "seconds": round(end_time - start_time, 2), "train_loss": train_loss,
+               "test_elbo": test_elbo}
+        run.save(row, figure)  # the checkpoint of this epoch, and its figure
+        report_epoch(row, config.epochs, figure, verbose)
         if on_epoch_end is not None:
-            on_epoch_end(epoch, model, history[-1])
-    return history
+            on_epoch_end(epoch, model, row)
+    return run.history
 
 
-def _check_finite(losses, epoch, done, steps_per_epoch, checkpoint_dir) -> None:
-    if not np.isfinite(losses).all():  # name the epoch and step of the first NaN or infinite loss
-        bad = int(np.flatnonzero(~np.isfinite(losses))[0])
-        kept = f" (the checkpoint of epoch {epoch - 1} is kept)" if checkpoint_dir and epoch > 1 else ""
-        raise NonFiniteLossError(f"loss became {losses[bad]} at epoch {epoch}, step {done + bad + 1} of "
-                                 f"{steps_per_epoch}; training stopped{kept}. Lower the learning rate "
-                                 f"(allow_new_settings=True continues the checkpoint with it) or check the inputs.")
-
-
-def _check_training_inputs(model, train_images, test_images, config, strategy):
-    """The images as float32 after checking everything `main_train_loop` is given, before any TensorFlow work."""
-    if not isinstance(model, CVAE) or not isinstance(config, TrainConfig):
-        raise TypeError(f"main_train_loop needs a CVAE (see build_model) and a TrainConfig, got "
-                        f"{type(model).__name__} and {type(config).__name__}")
-    train_images = _check_images(train_images, model.config, "train_images")
-    test_images = _check_images(test_images, model.config, "test_images")
-    if config.batch_size > len(train_images) or config.batch_size % strategy.num_replicas_in_sync:
-        raise ValueError(f"batch_size={config.batch_size} must be at most the {len(train_images)} training images and "
-                         f"divisible by the {strategy.num_replicas_in_sync} replica(s)")
-    return train_images, test_images
-
-
-# Checkpoints: tf.train.CheckpointManager writes, rotates and finds them; each holds the run's record and history.
-
-class CheckpointMismatchError(ValueError):
-    """The checkpoint folder holds another run, or this run with other optimisation settings."""
-
-
-NEW_SETTINGS = ("training.learning_rate", "training.lr_schedule", "training.epochs")  # allow_new_settings=True
-
-
-def describe_loss(loss_fn) -> str:
-    """The loss's `description` attribute, else its module-qualified name: the same in every Python and TensorFlow."""
-    description = getattr(loss_fn, "description", None)
-    if isinstance(description, str):
-        return description
-    return f"{loss_fn.__module__}.{getattr(loss_fn, '__qualname__', type(loss_fn).__qualname__)}"
-
-
-def run_record(model: CVAE, config: TrainConfig, loss_fn: Callable, train_images: np.ndarray) -> dict:
-    """What a run trains, flat: the model and training configurations, the loss, the data's shape and fingerprint.
-
-    The settings that change nothing that is trained (steps per call, evaluation batch, precision) are left out.
-    """
-    training = {key: value for key, value in dataclasses.asdict(config).items()
-                if key not in ("steps_per_execution", "eval_batch_size", "precision")}
-    fingerprint = hashlib.sha256(np.ascontiguousarray(train_images)).hexdigest()[:16]
-    architecture = dataclasses.asdict(model.config)
-    record = {"model.class": type(model).__name__, **{f"model.{k}": v for k, v in architecture.items()},
-              **{f"training.{k}": v for k, v in training.items()}, "loss": describe_loss(loss_fn),
-              "data": f"{train_images.dtype} {list(train_images.shape)} sha256 {fingerprint}"}
-    return json.loads(json.dumps(record))  # as a checkpoint reads it back: tuples as lists
-
-
-class _JSONState(tf.train.experimental.PythonState):
-    """A JSON value saved inside the checkpoint: the run record and the history."""
-
-    def __init__(self):
-        self.value = {}
-
-    def serialize(self) -> str:
-        return json.dumps(self.value)
-
-    def deserialize(self, string_value) -> None:
-        self.value = json.loads(string_value)
-
-
-class _OptimizerState(tf.Module):
-    """An optimizer's step count and slot variables (Adam's moments), but not its learning rate, which comes from the
-    call that resumes; a LossScaleOptimizer is saved as its inner optimizer, so every precision writes the same."""
-
-    def __init__(self, optimizer):
-        super().__init__()
-        inner = getattr(optimizer, "inner_optimizer", optimizer)
-        self.iterations = inner.iterations
-        self.slots = [v for v in inner.variables if v is not inner.iterations and v is not inner._learning_rate]
-
-
-class RunCheckpoint:
-    """One checkpoint per epoch of model, optimizer state, run record and history; the newest two are kept.
-
-    On creation it restores the newest checkpoint that restores completely (trying the older one when the newest is
-    damaged) after checking that its record is this run's. With `directory=None` nothing is read or written.
-    """
-
-    def __init__(self, directory: str | None, model: CVAE, optimizer, record: dict, allow_new_settings: bool = False,
-                 verbose: bool = True):
-        self.record, self.history = record, []
-        self._state = _JSONState()
-        self._checkpoint = tf.train.Checkpoint(model=model, optimizer=_OptimizerState(optimizer), run=self._state)
-        self._manager = None
-        if directory is not None:
-            directory = os.path.expanduser(directory)
-            self._manager = tf.train.CheckpointManager(self._checkpoint, directory, max_to_keep=2)
-            self._restore(allow_new_settings, verbose)
-
-    def _restore(self, allow_new_settings: bool, verbose: bool) -> None:
-        damaged = []
-        for path in reversed(self._manager.checkpoints):
-            try:
-                saved = json.loads(tf.train.load_checkpoint(path).get_tensor("run/.ATTRIBUTES/py_state"))
-                _compare_records(saved["record"], self.record, allow_new_settings, self._manager.directory)
-                self._checkpoint.read(path).assert_existing_objects_matched().expect_partial()
-            except (tf.errors.OpError, ValueError, KeyError, AssertionError) as error:
-                if isinstance(error, CheckpointMismatchError):
-                    raise
-                damaged.append(os.path.basename(path))
-                print(f"{path} does not restore ({type(error).__name__}); trying the older checkpoint.")
-                continue
-            self.history = saved["history"]
-            if verbose:
-                done = len(self.history)
-                print(f"Restored {path}: {done} epoch(s) done, " + (f"resuming at epoch {done + 1}." if done <
-                      self.record["training.epochs"] else "complete."))
-            return
-        if damaged:
-            raise OSError(f"no checkpoint in {self._manager.directory} restores ({', '.join(damaged)}); move the "
-                          f"folder away to train from the start")
-
-    def save(self, history: list[dict]) -> None:
-        """Checkpoint the epoch that `history` ends with; the manager deletes all but the newest two."""
-        if self._manager is not None:
-            self._state.value = {"record": self.record, "history": history}
-            self._manager.save(checkpoint_number=len(history))
-
-
-def _compare_records(saved: dict, current: dict, allow_new_settings: bool, directory: str) -> None:
-    """Raise CheckpointMismatchError naming each difference, unless only allowed settings changed (or epochs grew)."""
-    changed = [key for key in sorted(saved.keys() | current.keys()) if saved.get(key) != current.get(key)
-               and not (key == "training.epochs" and current[key] > saved.get(key, math.inf))]
-    if not changed:
+def report_epoch(row: dict, epochs: int, figure=None, verbose: bool = True) -> None:
+    """Print an epoch's training time and test ELBO, and show its figure (a Figure or a saved PNG)."""
+    if not verbose:
         return
-    listed = "; ".join(f"{key}: {saved.get(key)!r} in the checkpoint, {current.get(key)!r} now" for key in changed)
-    if any(key not in NEW_SETTINGS for key in changed):
-        raise CheckpointMismatchError(f"{directory} holds another run ({listed}); use a new checkpoint_dir, or move "
-                                      f"this one away to start again")
-    if not allow_new_settings:
-        raise CheckpointMismatchError(f"{directory} holds this model trained with other settings ({listed}); pass "
-                                      f"allow_new_settings=True to continue it with the new ones")
+    print(f"Epoch {row['epoch']}/{epochs}: {row['seconds']:.1f} s training, test ELBO {row['test_elbo']:.2f} nats")
+    if figure is not None:
+        vr.show(figure)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -765,7 +468,7 @@ def map_batches(model: CVAE, function: Callable, images: np.ndarray, batch_size:
     The compiled function is kept on the model, keyed by `function` and `kwargs`, with the batch size left open, so
     each evaluation traces once per model however often it runs.
     """
-    images = _check_images(images, model.config)
+    images = vr.check_images(images, model.config)
     # A plain attribute, set past Keras's attribute tracking: the functions live and die with their model.
     compiled = model.__dict__.setdefault("_compiled_evaluations", {})
     key = (function, tuple(sorted(kwargs.items())))
@@ -800,8 +503,8 @@ def reconstruct(model: CVAE, images: np.ndarray, batch_size: int = 1000) -> np.n
 
 def psnr(images: np.ndarray, reconstructions: np.ndarray) -> float:
     """Mean over images of the peak signal-to-noise ratio 10 log10(1 / MSE) in dB, for values in [0, 1]."""
-    images = _check_images(images)
-    reconstructions = _check_images(reconstructions, name="reconstructions")
+    images = vr.check_images(images)
+    reconstructions = vr.check_images(reconstructions, name="reconstructions")
     if images.shape != reconstructions.shape:
         raise ValueError(f"images {images.shape} and reconstructions {reconstructions.shape} differ in shape")
     mse = np.mean((images.astype(np.float64) - reconstructions) ** 2, axis=(1, 2, 3))
@@ -813,18 +516,9 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", str(name).lower()).strip("_")
 
 
-def describe_machine() -> str:
-    """One line naming the machine: Colab or not, CPU cores, accelerators, Python, TensorFlow and Keras versions."""
-    accelerators = [device.device_type for device in tf.config.list_logical_devices() if device.device_type != "CPU"]
-    devices = ", ".join(f"{accelerators.count(t)} {t}" for t in sorted(set(accelerators))) or "no accelerator"
-    where = "Google Colab, " if "google.colab" in sys.modules else ""
-    return (f"{where}{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores, {devices}, Python "
-            f"{platform.python_version()}, TensorFlow {tf.__version__}, Keras {tf.keras.__version__}")
-
-
 def get_allClass_encodings(model: CVAE, images: np.ndarray, labels: np.ndarray):  # noqa: N802 - the homework's name
     """Group the latent means of `images` by class: ({class: (n_c, latent_dim) codes}, (classes, latent_dim) means)."""
-    labels = _check_labels(labels, len(images))
+    labels = vr.check_labels(labels, len(images))
     codes = encode_means(model, images)
     codes_by_class = {int(c): codes[labels == c] for c in np.unique(labels)}
     class_means = np.stack([class_codes.mean(axis=0) for class_codes in codes_by_class.values()])
@@ -874,7 +568,7 @@ def plot_image_grid(images, ncols: int = 10, titles: Sequence[str] | None = None
 
 def plot_one_image_per_class(images, labels, class_names: Sequence[str], path: str | None = None) -> Figure:
     """Show the first image of every class, titled with its class name."""
-    labels = _check_labels(labels, len(images))
+    labels = vr.check_labels(labels, len(images))
     missing = [name for c, name in enumerate(class_names) if not np.any(labels == c)]
     if missing:
         raise ValueError(f"labels hold no image of the classes {missing}")
@@ -885,7 +579,7 @@ def plot_one_image_per_class(images, labels, class_names: Sequence[str], path: s
 
 def generate_and_display_images(model: CVAE, epoch: int, test_sample, path: str | None = None) -> Figure:
     """Show `test_sample` (top row) above its reconstructions through a sampled code (bottom row)."""
-    test_sample = _check_images(test_sample, model.config, "test_sample")
+    test_sample = vr.check_images(test_sample, model.config, "test_sample")
     mean, logvar = model.encode(test_sample)
     z = model.reparameterize(mean, logvar)
     predictions = model.sample(z)  # decode with apply_sigmoid=True: pixel probabilities in [0, 1] for display
@@ -901,7 +595,7 @@ def plot_latent_space(codes_by_class: Mapping[int, np.ndarray], class_names: Seq
     projected on their first two principal components."""
     from sklearn.decomposition import PCA
 
-    codes = _check_codes(np.concatenate(list(codes_by_class.values())), "codes_by_class", min_dims=2)
+    codes = vr.check_codes(np.concatenate(list(codes_by_class.values())), "codes_by_class", min_dims=2)
     if codes.shape[1] > 2:
         pca = PCA(n_components=2, random_state=seed).fit(codes)
         project = pca.transform
@@ -938,7 +632,7 @@ def decode_line(model: CVAE, start, end, steps: int) -> np.ndarray:
 def walk_src_to_dst(model: CVAE, src_class, dst_class, class_means: np.ndarray, class_names: Sequence[str],
                     steps: int = 10, path: str | None = None) -> Figure:
     """Decode `steps` codes evenly spaced from the mean code of `src_class` to that of `dst_class` (name or index)."""
-    class_means = _check_codes(class_means, "class_means")
+    class_means = vr.check_codes(class_means, "class_means")
     if len(class_means) != len(class_names):
         raise ValueError(f"class_means has {len(class_means)} rows for {len(class_names)} class names; pass the means "
                          f"of get_allClass_encodings on images of every class")

@@ -14,7 +14,7 @@ It measures, in one process:
      in the precision `--precision` chooses ("auto" by default, as the notebook);
   3. each step's achieved GFLOP/s against a large matmul in the precision it computes in (float32, bfloat16, float16),
      measured in the same rounds, and a per-layer timing of the step in each precision that shows where the time goes.
-It ends with issue 14's targets, as ratios measured in this run: throughput at equal architecture, the fastest
+It ends with the project's speed targets, as ratios measured in this run: throughput at equal architecture, the fastest
 project row against the tutorial's (target at least 1.5x; the rows at the tutorial's batch size are printed beside
 it), and time to the tutorial's test ELBO (target at least 8x sooner).
 
@@ -38,6 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+import vae_runtime as vr  # noqa: E402
 import vae_utils as vu  # noqa: E402
 
 TRAIN_SIZE = 60000  # the tutorial's shuffle buffer covers the whole training set
@@ -143,7 +144,7 @@ class TutorialTrainer:
 
 
 class ProjectTrainer:
-    """The project's path: `vae_utils.make_train_function` fed by `make_dataset` through the strategy's iterator.
+    """The project's path: `vae_utils.train_step` compiled by `vae_runtime.compile_steps`, fed through the strategy.
 
     Same layers and parameter count as the tutorial; the project's encoder also bounds the log-variance with a tanh.
     The model is built by `vae_utils.build_model` under the dtype policy `precision` (float32, mixed_bfloat16 or
@@ -155,7 +156,7 @@ class ProjectTrainer:
         train_config = vu.TrainConfig(batch_size=batch_size, learning_rate=learning_rate,
                                       steps_per_execution=steps_per_execution, seed=seed, precision=precision)
         self.model = vu.build_model(TUTORIAL_ARCHITECTURE, train_config)  # seeded; the tutorial's architecture
-        self.precision = vu.model_precision(self.model)
+        self.precision = vr.model_precision(self.model)
         self.name = f"project (batch {batch_size}, steps/call {steps_per_execution}, {self.precision})"
         self.batch_size, self.steps_per_execution = batch_size, steps_per_execution
         self.learning_rate = learning_rate
@@ -164,7 +165,7 @@ class ProjectTrainer:
             self.optimizer = tf.keras.optimizers.LossScaleOptimizer(self.optimizer)
         self.optimizer.build(self.model.trainable_variables)
         strategy = tf.distribute.get_strategy()
-        self.train_steps = vu.make_train_function(self.model, self.optimizer, vu.compute_loss, strategy)
+        self.train_steps = vr.compile_steps(vu.train_step, self.model, self.optimizer, vu.compute_loss, strategy)
         dataset = vu.make_dataset(train_images, batch_size, shuffle_seed=seed, drop_remainder=True).repeat()
         self.iterator = iter(strategy.experimental_distribute_dataset(dataset))
 
@@ -231,7 +232,7 @@ def precisions_to_measure(chosen: str) -> list[str]:
     """The dtype policies this machine gets a row for: float32; mixed_bfloat16 wherever `choose_precision("auto")`
     picks it, and on every CPU-only machine as a measured row (it can be slower where the CPU lacks bf16 kernels);
     mixed_float16 on GPUs of compute capability 7.x (where "auto" picks it); and `chosen`, the precision of part 2."""
-    auto = vu.choose_precision("auto")
+    auto = vr.choose_precision("auto")
     on_cpu = not tf.config.list_logical_devices("GPU") and not tf.config.list_logical_devices("TPU")
     precisions = ["float32"]
     if auto == "mixed_bfloat16" or on_cpu:
@@ -403,7 +404,7 @@ def run_project(train_images, test_images, target, batch_size, learning_rate, st
                                   steps_per_execution=steps_per_execution, seed=seed, precision=precision)
     model = vu.build_model(TUTORIAL_ARCHITECTURE, train_config)
     if verbose:
-        print(f"  project runs in {vu.model_precision(model)}", flush=True)
+        print(f"  project runs in {vr.model_precision(model)}", flush=True)
     history, start = [], time.perf_counter()
 
     def on_epoch_end(epoch, _model, row):
@@ -450,7 +451,7 @@ def parse_args(argv=None):
     parser.add_argument("--chunk-images", type=int, default=3200, help="images per trainer per round")
     parser.add_argument("--tutorial-epochs", type=int, default=10, help="epochs of the tutorial's run (its target)")
     parser.add_argument("--max-epochs", type=int, default=10, help="most epochs the project may take to the target")
-    parser.add_argument("--precision", default="auto", choices=vu.PRECISIONS,
+    parser.add_argument("--precision", default="auto", choices=vr.PRECISIONS,
                         help="dtype policy of the project's run in part 2 (default auto: vae_utils.choose_precision); "
                              "part 1 measures every precision this machine has anyway")
     parser.add_argument("--seed", type=int, default=0)
@@ -470,11 +471,11 @@ def _ratio_text(value: float) -> str:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     started = time.perf_counter()
-    print(f"Machine: {vu.describe_machine()}")
+    print(f"Machine: {vr.describe_machine()}")
     print(f"os.cpu_count() = {os.cpu_count()}; TensorFlow devices: "
           f"{', '.join(d.name for d in tf.config.list_logical_devices())}; TensorFlow {tf.__version__}; "
           f"load average {os.getloadavg()[0]:.1f} at the start")
-    chosen = vu.choose_precision(args.precision, verbose=True)  # part 2's precision; says why
+    chosen = vr.choose_precision(args.precision, verbose=True)  # part 2's precision; says why
     precisions = precisions_to_measure(chosen)
     print(f"Precisions measured: {', '.join(precisions)} (variables, the encoder's output, the logits and the loss "
           f"stay float32 in every one)")
@@ -626,7 +627,7 @@ def main(argv=None) -> dict:
           f"runs one path after the other, so other jobs on the machine can favour either in the measured "
           f"seconds; the last two columns price the same epochs at the alternating rates measured above.")
 
-    # Issue 14's targets, from the values measured above. Throughput: the fastest project row (any batch size and
+    # The speed targets, from the values measured above. Throughput: the fastest project row (any batch size and
     # precision, the same architecture), and the project's settings of part 2 in their fastest precision beside it.
     best = max(main_rows.values(), key=lambda trainer: paired_ratio(trainer.name, "wall"))
     fastest = max((t for t in trainers if isinstance(t, ProjectTrainer)), key=lambda t: paired_ratio(t.name, "wall"))
@@ -640,7 +641,7 @@ def main(argv=None) -> dict:
         sooner = (f"not reached in {len(project_history)} epoch(s): less than {_ratio_text(time_ratio)} sooner "
                   f"measured")
     quick_note = " (--quick: synthetic data, the numbers mean nothing)" if args.quick else ""
-    print(f"\nTargets (issue 14), measured in this run{quick_note}:\n"
+    print(f"\nSpeed targets, measured in this run{quick_note}:\n"
           f"- throughput at equal architecture, fastest project row ({fastest.name}): "
           f"{_ratio_text(throughput_ratio)} the tutorial's images/s "
           f"({_ratio_text(paired_ratio(fastest.name, 'cpu'))} per CPU-second){at_settings}; target at least 1.50x, "

@@ -2,10 +2,10 @@
 
     python tests/_train_child.py CHECKPOINT_DIR MARKER_DIR EPOCHS [STEP_SECONDS]
 
-It trains a tiny CVAE on synthetic 28x28 images with `main_train_loop(..., checkpoint_dir=CHECKPOINT_DIR)`. At the
-start of every epoch it writes `MARKER_DIR/started_<epoch>` (one line per process id) and the weights the epoch
-starts from to `MARKER_DIR/start_<epoch>_<pid>.npz`; at the end it writes the returned history to
-`MARKER_DIR/final_history.json`. STEP_SECONDS makes every training step last at least that long, so that a test
+It trains a tiny CVAE on synthetic 28x28 images with `main_train_loop(..., checkpoint_dir=CHECKPOINT_DIR)` and the
+homework's `compute_loss`, sampling included. At the start of every epoch it writes `MARKER_DIR/started_<epoch>` (one
+line per process id) and the weights the epoch starts from to `MARKER_DIR/start_<epoch>_<pid>.npz`; at the end it
+writes the returned history to `MARKER_DIR/final_history.json` and the final weights to `MARKER_DIR/final.npz`. STEP_SECONDS makes every training step last at least that long, so that a test
 can kill the process while an epoch is in progress.
 """
 
@@ -67,6 +67,7 @@ def main(checkpoint_dir: str, marker_dir: str, epochs: int, step_seconds: float 
         loss_fn=EpochMarkers(model, marker_dir, step_seconds), checkpoint_dir=checkpoint_dir, verbose=True)
     with open(os.path.join(marker_dir, "final_history.json"), "w") as handle:
         json.dump(history, handle)
+    np.savez(os.path.join(marker_dir, "final.npz"), *model.get_weights())
     return history
 
 

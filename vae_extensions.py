@@ -552,6 +552,8 @@ def choose_mmd_weight(rows: Sequence[dict], reference_mmd: float) -> float:
 def walk_between_images(model: vu.CVAE, src_image, dst_image, steps: int = 10,
                         names: tuple[str, str] = ("source", "destination"), path: str | None = None) -> Figure:
     """Decode `steps` codes evenly spaced from the latent mean of one image to that of another, beside the two."""
+    if not (vr.is_int(steps) and steps >= 2):
+        raise ValueError(f"steps={steps!r} must be an integer >= 2: the walk decodes both latent means")
     pair = vr.check_images(np.stack([src_image, dst_image]), model.config, "src_image and dst_image")
     start, end = vu.encode_means(model, pair)
     images = np.concatenate([pair[:1], vu.decode_line(model, start, end, steps), pair[1:]])

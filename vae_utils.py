@@ -64,7 +64,7 @@ def load_dataset(name: str, data_dir: str | None = None):
     """Return `(x_train, y_train), (x_test, y_test)` as `tf.keras.datasets.<name>.load_data()` does.
 
     Reads `<data_dir>/<name>.npz` when `data_dir` is given, else `$VAE_DATA_DIR/<name>.npz` when that is set, else
-    downloads with `tf.keras.datasets`.
+    downloads with `tf.keras.datasets` (a DatasetError if the download fails).
     """
     if name not in DATASETS:
         raise ValueError(f"unknown data set name={name!r}; expected one of {sorted(DATASETS)}")
@@ -76,7 +76,13 @@ def load_dataset(name: str, data_dir: str | None = None):
             raise DatasetError(f"no file {path} ({source}={directory!r}); put the keras-format {name}.npz there")
         arrays = _read_npz(name, path)
         return (arrays["x_train"], arrays["y_train"]), (arrays["x_test"], arrays["y_test"])
-    return getattr(tf.keras.datasets, name).load_data()
+    try:
+        return getattr(tf.keras.datasets, name).load_data()
+    except Exception as error:  # noqa: BLE001 - offline, Keras raises a bare Exception ("URL fetch failure on ...")
+        first_line = (str(error).splitlines() or [""])[0]
+        raise DatasetError(f"the download of {name} failed ({type(error).__name__}: {first_line}); to give the file "
+                           f"instead, put the keras-format {name}.npz (arrays {', '.join(_NPZ_KEYS)}) in a folder and "
+                           f"pass data_dir= or set VAE_DATA_DIR") from error
 
 
 def preprocess_images(images: np.ndarray, binarize: bool = False) -> np.ndarray:
@@ -166,11 +172,13 @@ class VAEConfig:
         for field in ("img_size", "channels", "latent_dim", "num_convolutions", "filters", "kernel_size", "strides"):
             if not (vr.is_int(getattr(self, field)) and getattr(self, field) >= 1):
                 raise ValueError(f"{field}={getattr(self, field)!r} must be an integer >= 1")
+            object.__setattr__(self, field, int(getattr(self, field)))  # Keras layers and JSON refuse NumPy integers
         decoder_grid_size(self.img_size, self.num_convolutions, self.strides)
         if self.encoder_padding not in ("same", "valid"):
             raise ValueError(f"encoder_padding={self.encoder_padding!r} must be 'same' or 'valid'")
-        if not self.logvar_bound > 0 or not math.isfinite(self.logvar_bound):
+        if isinstance(self.logvar_bound, bool) or not 0 < self.logvar_bound < math.inf:
             raise ValueError(f"logvar_bound={self.logvar_bound!r} must be a finite number > 0")
+        object.__setattr__(self, "logvar_bound", float(self.logvar_bound))  # JSON refuses a NumPy float32
 
     @property
     def grid_size(self) -> int:
@@ -379,8 +387,10 @@ class TrainConfig:
         for field in ("epochs", "batch_size", "steps_per_execution", "eval_batch_size", "seed"):
             if not (vr.is_int(getattr(self, field)) and getattr(self, field) >= (field != "seed")):
                 raise ValueError(f"{field}={getattr(self, field)!r} must be an integer >= {int(field != 'seed')}")
+            object.__setattr__(self, field, int(getattr(self, field)))  # the run record is JSON, which refuses NumPy
         if isinstance(self.learning_rate, bool) or not 0 < self.learning_rate < math.inf:
             raise ValueError(f"learning_rate={self.learning_rate!r} must be a finite number > 0")
+        object.__setattr__(self, "learning_rate", float(self.learning_rate))  # Adam refuses a NumPy float
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule={self.lr_schedule!r} must be 'constant' or 'cosine'")
         if self.precision not in PRECISIONS:
@@ -632,11 +642,20 @@ def decode_line(model: CVAE, start, end, steps: int) -> np.ndarray:
 def walk_src_to_dst(model: CVAE, src_class, dst_class, class_means: np.ndarray, class_names: Sequence[str],
                     steps: int = 10, path: str | None = None) -> Figure:
     """Decode `steps` codes evenly spaced from the mean code of `src_class` to that of `dst_class` (name or index)."""
+    if not (vr.is_int(steps) and steps >= 2):
+        raise ValueError(f"steps={steps!r} must be an integer >= 2: the walk shows both class means")
     class_means = vr.check_codes(class_means, "class_means")
     if len(class_means) != len(class_names):
         raise ValueError(f"class_means has {len(class_means)} rows for {len(class_names)} class names; pass the means "
                          f"of get_allClass_encodings on images of every class")
-    src, dst = (list(class_names).index(c) if isinstance(c, str) else c for c in (src_class, dst_class))
+    indices = []
+    for argument, value in (("src_class", src_class), ("dst_class", dst_class)):
+        index = list(class_names).index(value) if isinstance(value, str) and value in class_names else value
+        if not (vr.is_int(index) and 0 <= index < len(class_names)):  # a negative index would count from the end
+            raise ValueError(f"{argument}={value!r} must be one of the class names {tuple(class_names)} or an index "
+                             f"in [0, {len(class_names)})")
+        indices.append(int(index))
+    src, dst = indices
     images = decode_line(model, class_means[src], class_means[dst], steps)
     titles = [class_names[src]] + [f"{t:.2f}" for t in np.linspace(0, 1, steps)[1:-1]] + [class_names[dst]]
     return plot_image_grid(images, ncols=steps, titles=titles, cell=1.1, path=path,

@@ -125,6 +125,23 @@ def test_a_bad_npz_file_is_a_dataset_error_naming_the_file(tmp_path, no_download
     assert str(path) in str(error.value)
 
 
+def test_a_failed_download_is_a_dataset_error_saying_how_to_give_the_file(monkeypatch):
+    monkeypatch.delenv("VAE_DATA_DIR", raising=False)
+
+    def offline():  # what Keras raises without a network, and a second line the message leaves out
+        raise Exception("URL fetch failure on https://storage.googleapis.com/tensorflow/tf-keras-datasets/mnist.npz: "
+                        "None -- [Errno -3] Temporary failure in name resolution\nsecond line")
+
+    monkeypatch.setattr(tf.keras.datasets.mnist, "load_data", offline)
+    with pytest.raises(vae_utils.DatasetError) as error:
+        vae_utils.load_dataset("mnist")
+    message = str(error.value)
+    assert message.startswith("the download of mnist failed (Exception: URL fetch failure on https://storage")
+    assert "second line" not in message
+    assert "mnist.npz (arrays x_train, y_train, x_test, y_test)" in message
+    assert "data_dir=" in message and "VAE_DATA_DIR" in message
+
+
 def test_unknown_data_set_name_is_a_value_error_listing_the_known_ones():
     with pytest.raises(ValueError, match=r"name='fashion_mnist'.*\['cifar10', 'mnist'\]"):
         vae_utils.load_dataset("fashion_mnist")

@@ -243,6 +243,14 @@ def test_extended_config_rejects(changes, message):
     assert message in str(error.value)
 
 
+def test_extended_config_and_kl_warmup_turn_numpy_integers_into_python_ints():
+    config = extended_config(latent_dim=np.int64(98), filters=np.int32(4), spatial_latent=True)
+    assert type(config.latent_dim) is int and type(config.filters) is int and type(config.logvar_bound) is float
+    assert json.loads(json.dumps(dataclasses.asdict(config))) == dataclasses.asdict(config)
+    warmup = vx.KLWarmup(warmup_epochs=np.int64(1))
+    assert type(warmup.warmup_epochs) is int and warmup.description == "KLWarmup(warmup_epochs=1)"
+
+
 def test_extended_cvae_with_bernoulli_likelihood_is_the_homework_cvae(mnist_like):
     """Same layers, same weights: the same logits, and the same loss as the homework's CVAE, epsilon for epsilon."""
     vu.set_seed(0)
@@ -436,6 +444,12 @@ def test_plot_latent_moments_returns_figure():
     figure = vx.plot_latent_moments(summaries)
     assert isinstance(figure, Figure)
     assert len(figure.axes[1].lines) == 3  # two models and the prior's variance
+
+
+@pytest.mark.parametrize("steps", [1, 0, 2.5])
+def test_walk_between_images_refuses_fewer_than_two_steps(tiny_model, mnist_like, steps):
+    with pytest.raises(ValueError, match=f"steps={steps} must be an integer >= 2"):
+        vx.walk_between_images(tiny_model, mnist_like[2][0], mnist_like[2][1], steps=steps)
 
 
 # --- The MMD weight sweep ----------------------------------------------------------------------------------------------

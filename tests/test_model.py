@@ -1,6 +1,9 @@
 """Model section: VAEConfig and the decoder grid, the CVAE's shapes for MNIST and CIFAR-10, the reparameterization
 trick's gradient, the soft log-variance bound, the Bernoulli likelihood, and build_model's seeding."""
 
+import dataclasses
+import json
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -47,11 +50,33 @@ def test_config_derived_sizes():
     (dict(logvar_bound=0.0), "logvar_bound=0.0"),
     (dict(logvar_bound=float("inf")), "logvar_bound=inf"),
     (dict(logvar_bound=float("nan")), "logvar_bound=nan"),
+    (dict(logvar_bound=True), "logvar_bound=True"),
+    (dict(latent_dim=True), "latent_dim=True"),
+    (dict(latent_dim=np.float64(2.0)), "latent_dim=np.float64(2.0)"),
+    (dict(filters=np.int64(0)), "filters=np.int64(0)"),
 ])
 def test_config_refuses_a_bad_value_naming_the_field(overrides, field):
     with pytest.raises(ValueError) as error:
         vae_utils.VAEConfig(**{**TINY, **overrides})
     assert field in str(error.value)
+
+
+def test_numpy_scalars_in_the_configs_become_python_numbers(seeded):
+    config = vae_utils.VAEConfig(img_size=np.int64(28), channels=np.int32(1), latent_dim=np.int64(3),
+                                 num_convolutions=np.int64(2), filters=np.int64(4), kernel_size=np.int16(3),
+                                 strides=np.uint8(2), logvar_bound=np.float32(5.0))
+    train = vae_utils.TrainConfig(epochs=np.int64(2), batch_size=np.int64(32), learning_rate=np.float32(0.5),
+                                  steps_per_execution=np.int32(1), seed=np.int64(0), eval_batch_size=np.int64(100))
+    vae_ints = ("img_size", "channels", "latent_dim", "num_convolutions", "filters", "kernel_size", "strides")
+    train_ints = ("epochs", "batch_size", "steps_per_execution", "seed", "eval_batch_size")
+    assert [type(getattr(config, name)) for name in vae_ints] == [int] * 7 and type(config.logvar_bound) is float
+    assert [type(getattr(train, name)) for name in train_ints] == [int] * 5 and type(train.learning_rate) is float
+    for settings in (config, train):  # a checkpoint's run record holds them as JSON
+        assert json.loads(json.dumps(dataclasses.asdict(settings))) == dataclasses.asdict(settings)
+    assert (config.latent_dim, config.logvar_bound, train.batch_size, train.learning_rate) == (3, 5.0, 32, 0.5)
+    model = vae_utils.CVAE(vae_utils.VAEConfig(latent_dim=np.int64(3), filters=np.int64(4)))
+    mean, logvar = model.encode(tiny_images(2, img_size=28))
+    assert mean.shape == logvar.shape == (2, 3)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -196,6 +196,26 @@ def test_walk_refuses_class_means_that_do_not_match_the_class_names(tiny_model, 
         vae_utils.walk_src_to_dst(tiny_model, 0, 1, class_means[:3], NAMES)
 
 
+@pytest.mark.parametrize("arguments, message", [
+    (dict(src_class=-1), r"src_class=-1 must be one of the class names \('top left', .*\) or an index in \[0, 4\)"),
+    (dict(dst_class=4), r"dst_class=4 must be one of the class names"),
+    (dict(dst_class=np.int64(4)), r"dst_class=np.int64\(4\) must be one of the class names"),
+    (dict(src_class=1.0), r"src_class=1.0 must be one of the class names"),
+    (dict(src_class="middle"), r"src_class='middle' must be one of the class names"),
+    (dict(steps=1), r"steps=1 must be an integer >= 2"),
+    (dict(steps=0), r"steps=0 must be an integer >= 2"),
+])
+def test_walk_refuses_a_class_outside_the_names_and_fewer_than_two_steps(tiny_model, class_means, arguments, message):
+    with pytest.raises(ValueError, match=message):
+        vae_utils.walk_src_to_dst(tiny_model, **{"src_class": 0, "dst_class": 1, **arguments},
+                                  class_means=class_means, class_names=NAMES)
+
+
+def test_walk_takes_numpy_class_indices(tiny_model, class_means):
+    figure = vae_utils.walk_src_to_dst(tiny_model, np.int64(1), np.int32(2), class_means, NAMES, steps=np.int64(3))
+    assert [axis.get_title() for axis in figure.axes] == ["top right", "0.50", "bottom left"]
+
+
 def test_prior_samples_are_the_same_for_a_seed_and_differ_between_seeds(tiny_model):
     first = shown_images(vae_utils.plot_prior_samples(tiny_model, num_samples=6, ncols=3, seed=4))
     tf.random.normal((3,))  # the global random state moves on: the samples do not depend on it

@@ -1,5 +1,6 @@
 """Beyond the homework, built on `vae_utils`: better likelihoods and decoders (2.2), KL warm-up, the scores of every
-model (IWAE bound, bits/dim, PSNR, probes), code diagnostics (3.2) and the MMD weight sweep (3.1)."""
+model (IWAE bound, bits/dim, PSNR, probes), code diagnostics (3.2), the MMD weight sweep (3.1) and the course's
+conditional VAE."""
 
 from __future__ import annotations
 
@@ -222,6 +223,134 @@ class KLWarmup:
 
     def __call__(self, model: vu.CVAE, x):
         return -tf.reduce_mean(vu.elbo_per_example(model, x, kl_weight=self.kl_weight, training=True))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Conditional VAE: the label's one-hot vector joins the encoder's features and the decoder's code
+# ---------------------------------------------------------------------------------------------------------------------
+
+class ConditionalCVAE(vu.CVAE):
+    """The homework's `CVAE` with a one-hot label joined to the encoder's last features and to the decoder's code."""
+
+    def __init__(self, config: vu.VAEConfig, num_classes: int = 10):
+        if not vu._is_int(num_classes) or num_classes < 1:
+            raise ValueError(f"num_classes={num_classes!r} must be an integer >= 1")
+        self.num_classes = int(num_classes)  # before the base class builds the encoder and decoder, which read it
+        super().__init__(config)
+
+    def build_encoder(self, config: vu.VAEConfig) -> tf.keras.Model:
+        image = tf.keras.Input(shape=(config.img_size, config.img_size, config.channels))
+        label = tf.keras.Input(shape=(self.num_classes,))
+        features = image
+        for width in config.widths:
+            features = tf.keras.layers.Conv2D(width, config.kernel_size, strides=config.strides,
+                                              padding=config.encoder_padding, activation="relu")(features)
+        # The label joins only here, right before mean and log-variance: the convolutions see the image alone.
+        features = tf.keras.layers.Concatenate()([tf.keras.layers.Flatten()(features), label])  # (B, flat + classes)
+        output = tf.keras.layers.Dense(2 * config.latent_dim, dtype="float32")(features)  # as in vu.CVAE
+        return tf.keras.Model([image, label], output, name="encoder")
+
+    def build_decoder(self, config: vu.VAEConfig) -> tf.keras.Model:
+        grid = config.grid_size
+        code = tf.keras.Input(shape=(config.latent_dim,))
+        label = tf.keras.Input(shape=(self.num_classes,))
+        features = tf.keras.layers.Concatenate()([code, label])  # (B, latent_dim + num_classes): the longer code
+        features = tf.keras.layers.Dense(grid * grid * config.filters, activation="relu")(features)
+        features = tf.keras.layers.Reshape((grid, grid, config.filters))(features)
+        for width in reversed(config.widths):
+            features = tf.keras.layers.Conv2DTranspose(width, config.kernel_size, strides=config.strides,
+                                                       padding="same", activation="relu")(features)
+        # One logit per pixel and channel: stride 1 keeps the image size.
+        logits = tf.keras.layers.Conv2DTranspose(config.channels, config.kernel_size, padding="same")(features)
+        return tf.keras.Model([code, label], logits, name="decoder")
+
+    # The base methods hand their argument straight to the Keras model, which takes the pair: same bound, same cast.
+    # Both as tensors, because Keras refuses a pair that mixes a NumPy array and a tensor.
+    def encode(self, x, y):
+        """Return the mean and the (softly bounded) log-variance of q(z|x, y); `y` is one-hot, (B, num_classes)."""
+        return super().encode([tf.convert_to_tensor(x), tf.convert_to_tensor(y)])
+
+    def decode(self, z, y, apply_sigmoid=False):
+        """Return the decoder's float32 logits for codes `z` and one-hot labels `y`, or sigmoid(logits)."""
+        return super().decode([tf.convert_to_tensor(z), tf.convert_to_tensor(y)], apply_sigmoid)
+
+    def sample(self, y, eps=None):
+        """Decode codes `eps` (drawn from the prior N(0, I) when not given) with one-hot labels `y` into images."""
+        if eps is None:
+            zeros = tf.zeros((tf.shape(y)[0], self.config.latent_dim))
+            eps = self.reparameterize(zeros, zeros)  # N(0, I), drawn where the model draws all its noise
+        return self.decode(eps, y, apply_sigmoid=True)
+
+    def call(self, inputs):
+        x, y = inputs
+        mean, logvar = self.encode(x, y)
+        return self.decode(self.reparameterize(mean, logvar), y)
+
+
+def conditional_elbo_per_example(model: ConditionalCVAE, x, y):
+    """Single-sample ELBO log p(x|z, y) - KL per example, the KL by Monte Carlo as in `vu.compute_loss`."""
+    mean, logvar = model.encode(x, y)
+    z = model.reparameterize(mean, logvar)
+    logpx_z = vu.bernoulli_log_prob(x, model.decode(z, y))
+    return logpx_z - (vu.log_normal_pdf(z, mean, logvar) - vu.log_normal_pdf(z, 0.0, 0.0))
+
+
+def conditional_loss(model: ConditionalCVAE, batch):
+    """Negative mean ELBO of a batch `(x, y_onehot)`."""
+    x, y = batch
+    return -tf.reduce_mean(conditional_elbo_per_example(model, x, y))
+
+
+def _check_class_labels(model: ConditionalCVAE, labels, count: int, name: str = "labels") -> np.ndarray:
+    """`labels` as int64 after checking: `count` integer class indices in [0, num_classes)."""
+    labels = vu._check_labels(labels, count, name)
+    if count and labels.max() >= model.num_classes:
+        raise ValueError(f"{name} must be class indices in [0, {model.num_classes}), got {labels.max()}")
+    return labels
+
+
+def _check_class_names(model: ConditionalCVAE, class_names: Sequence[str]) -> list[str]:
+    if len(class_names) != model.num_classes:
+        raise ValueError(f"class_names has {len(class_names)} names for the model's {model.num_classes} classes")
+    return list(class_names)
+
+
+def evaluate_conditional_elbo(model: ConditionalCVAE, images: np.ndarray, labels: np.ndarray,
+                              batch_size: int = 1000) -> float:
+    """Mean single-sample ELBO over `images` with their integer `labels`, in nats."""
+    images = vu._check_images(images, model.config)
+    one_hot = tf.one_hot(_check_class_labels(model, labels, len(images)), model.num_classes)
+    batches = tf.data.Dataset.from_tensor_slices((images, one_hot)).batch(batch_size)
+    return float(np.mean(np.concatenate([conditional_elbo_per_example(model, x, y).numpy() for x, y in batches])))
+
+
+def plot_digits_on_demand(model: ConditionalCVAE, class_names: Sequence[str], samples_per_class: int = 8,
+                          seed: int = 0, path: str | None = None) -> Figure:
+    """Decode the same prior codes with each label: one row per class."""
+    class_names = _check_class_names(model, class_names)
+    eps = tf.random.stateless_normal((samples_per_class, model.config.latent_dim), seed=(seed, 0))
+    codes = tf.tile(eps, [model.num_classes, 1])  # (classes * samples, latent_dim): every row the same codes
+    labels = tf.one_hot(tf.repeat(tf.range(model.num_classes), samples_per_class), model.num_classes)
+    return vu.plot_image_grid(model.sample(labels, codes).numpy(), ncols=samples_per_class, row_labels=class_names,
+                              cell=0.9, suptitle="The same prior codes decoded with each label", path=path)
+
+
+def plot_style_kept_label_changed(model: ConditionalCVAE, images, labels, class_names: Sequence[str],
+                                  path: str | None = None) -> Figure:
+    """Each image beside its latent mean (encoded with its own label) decoded with every label: one row per image."""
+    images = vu._check_images(images, model.config)
+    labels = _check_class_labels(model, labels, len(images))
+    class_names = _check_class_names(model, class_names)
+    means, _ = model.encode(images, tf.one_hot(labels, model.num_classes))
+    codes = tf.repeat(means, model.num_classes, axis=0)  # (N * classes, latent_dim): each mean once per class
+    all_labels = tf.one_hot(tf.tile(tf.range(model.num_classes), [len(images)]), model.num_classes)
+    decoded = model.decode(codes, all_labels, apply_sigmoid=True).numpy()
+    decoded = decoded.reshape((len(images), model.num_classes) + images.shape[1:])  # (N, classes, H, W, C)
+    grid = np.concatenate([images[:, np.newaxis], decoded], axis=1).reshape((-1,) + images.shape[1:])
+    titles = ["input"] + class_names + [""] * (len(grid) - model.num_classes - 1)
+    return vu.plot_image_grid(grid, ncols=model.num_classes + 1, titles=titles, cell=1.0, path=path,
+                              row_labels=[class_names[label] for label in labels],
+                              suptitle="Style kept, label changed: each input's code decoded with every label")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

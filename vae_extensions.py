@@ -8,6 +8,7 @@ import dataclasses
 import json
 import math
 import os
+import time
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
@@ -225,6 +226,21 @@ class KLWarmup:
         return -tf.reduce_mean(vu.elbo_per_example(model, x, kl_weight=self.kl_weight, training=True))
 
 
+class ExtendedMMDLoss(vu.MMDLoss):
+    """`vu.MMDLoss` with the model's own likelihood (`reconstruction_log_prob`) in place of the Bernoulli one."""
+
+    def __init__(self, mmd_weight: float = 1000.0):
+        super().__init__(mmd_weight)
+        self.description = f"ExtendedMMDLoss(mmd_weight={self.mmd_weight:g})"
+
+    def __call__(self, model: vu.CVAE, x):
+        mean, logvar = model.encode(x)
+        z = model.reparameterize(mean, logvar)
+        reconstruction_nll = -model.reconstruction_log_prob(x, model.decode(z), training=True)
+        prior_samples = model.rng.normal(shape=tf.shape(z))
+        return tf.reduce_mean(reconstruction_nll) + self.mmd_weight * vu.compute_mmd(z, prior_samples)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Conditional VAE: the label's one-hot vector joins the encoder's features and the decoder's code
 # ---------------------------------------------------------------------------------------------------------------------
@@ -233,7 +249,7 @@ class ConditionalCVAE(vu.CVAE):
     """The homework's `CVAE` with a one-hot label joined to the encoder's last features and to the decoder's code."""
 
     def __init__(self, config: vu.VAEConfig, num_classes: int = 10):
-        if not vu._is_int(num_classes) or num_classes < 1:
+        if not vr.is_int(num_classes) or num_classes < 1:
             raise ValueError(f"num_classes={num_classes!r} must be an integer >= 1")
         self.num_classes = int(num_classes)  # before the base class builds the encoder and decoder, which read it
         super().__init__(config)
@@ -301,9 +317,29 @@ def conditional_loss(model: ConditionalCVAE, batch):
     return -tf.reduce_mean(conditional_elbo_per_example(model, x, y))
 
 
+def train_conditional(model: ConditionalCVAE, data: vu.DataSplits, config: vu.TrainConfig, *, strategy=None,
+                      checkpoint_dir: str | None = None, verbose: bool = True) -> list[dict]:
+    """Train a `ConditionalCVAE` on the images and labels of `data` as `vu.main_train_loop` trains a `CVAE`."""
+    run = vr.TrainingRun(model, data.train_images, data.test_images, config, conditional_loss, vu.train_step,
+                         train_labels=data.train_labels, strategy=strategy, checkpoint_dir=checkpoint_dir,
+                         verbose=verbose)
+    for row in run.history:  # epochs restored from a checkpoint
+        vu.report_epoch(row, config.epochs, verbose=verbose)
+    for epoch in range(len(run.history) + 1, config.epochs + 1):
+        start_time = time.perf_counter()
+        train_loss = run.train_epoch(epoch)
+        end_time = time.perf_counter()
+        test_elbo = evaluate_conditional_elbo(model, data.test_images, data.test_labels, config.eval_batch_size)
+        row = {"epoch": epoch, "seconds": round(end_time - start_time, 2), "train_loss": train_loss,
+               "test_elbo": test_elbo}
+        run.save(row)
+        vu.report_epoch(row, config.epochs, verbose=verbose)
+    return run.history
+
+
 def _check_class_labels(model: ConditionalCVAE, labels, count: int, name: str = "labels") -> np.ndarray:
     """`labels` as int64 after checking: `count` integer class indices in [0, num_classes)."""
-    labels = vu._check_labels(labels, count, name)
+    labels = vr.check_labels(labels, count, name)
     if count and labels.max() >= model.num_classes:
         raise ValueError(f"{name} must be class indices in [0, {model.num_classes}), got {labels.max()}")
     return labels
@@ -318,7 +354,7 @@ def _check_class_names(model: ConditionalCVAE, class_names: Sequence[str]) -> li
 def evaluate_conditional_elbo(model: ConditionalCVAE, images: np.ndarray, labels: np.ndarray,
                               batch_size: int = 1000) -> float:
     """Mean single-sample ELBO over `images` with their integer `labels`, in nats."""
-    images = vu._check_images(images, model.config)
+    images = vr.check_images(images, model.config)
     one_hot = tf.one_hot(_check_class_labels(model, labels, len(images)), model.num_classes)
     batches = tf.data.Dataset.from_tensor_slices((images, one_hot)).batch(batch_size)
     return float(np.mean(np.concatenate([conditional_elbo_per_example(model, x, y).numpy() for x, y in batches])))
@@ -338,7 +374,7 @@ def plot_digits_on_demand(model: ConditionalCVAE, class_names: Sequence[str], sa
 def plot_style_kept_label_changed(model: ConditionalCVAE, images, labels, class_names: Sequence[str],
                                   path: str | None = None) -> Figure:
     """Each image beside its latent mean (encoded with its own label) decoded with every label: one row per image."""
-    images = vu._check_images(images, model.config)
+    images = vr.check_images(images, model.config)
     labels = _check_class_labels(model, labels, len(images))
     class_names = _check_class_names(model, class_names)
     means, _ = model.encode(images, tf.one_hot(labels, model.num_classes))
@@ -452,7 +488,6 @@ def model_metrics(model: vu.CVAE, data: vu.DataSplits, *, iwae_samples: int = 64
     train_codes = vu.encode_means(model, data.train_images, batch_size)
     test_codes = vu.encode_means(model, data.test_images, batch_size)
     return {
-        "test_elbo": vu.evaluate_elbo(model, data.test_images, batch_size),
         "test_elbo_analytic_kl": vu.evaluate_elbo(model, data.test_images, batch_size, analytic_kl=True),
         "iwae_images": len(subset),
         "elbo_on_iwae_images": vu.evaluate_elbo(model, subset, batch_size),

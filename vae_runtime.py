@@ -225,8 +225,8 @@ class TrainingRun:
     """
 
     def __init__(self, model, train_images, test_images, config, loss_fn: Callable, train_step: Callable, *,
-                 test_sample=None, strategy=None, checkpoint_dir=None, allow_new_settings=False, on_epoch_end=None,
-                 verbose=True):
+                 test_sample=None, train_labels=None, strategy=None, checkpoint_dir=None, allow_new_settings=False,
+                 on_epoch_end=None, verbose=True):
         _check_arguments(model, config, loss_fn, strategy, checkpoint_dir, allow_new_settings, on_epoch_end, verbose)
         self.strategy = strategy or tf.distribute.get_strategy()
         self.train_images = check_images(train_images, model.config, "train_images")
@@ -237,7 +237,12 @@ class TrainingRun:
         if config.batch_size > len(self.train_images) or config.batch_size % replicas:
             raise ValueError(f"batch_size={config.batch_size} must be at most the {len(self.train_images)} training "
                              f"images and divisible by the {replicas} replica(s)")
-        _check_loss(loss_fn, model, self.train_images[:2])
+        # A conditional model trains on (image, one-hot label) pairs, a CVAE on images.
+        self.inputs = self.train_images
+        if train_labels is not None:
+            labels = check_labels(train_labels, len(self.train_images), "train_labels")
+            self.inputs = (self.train_images, np.eye(model.num_classes, dtype=np.float32)[labels])
+        _check_loss(loss_fn, model, tf.nest.map_structure(lambda array: tf.constant(array[:2]), self.inputs))
         self.model, self.config, self.loss_fn, self.verbose = model, config, loss_fn, verbose
         self.steps_per_epoch = len(self.train_images) // config.batch_size  # whole batches: static shapes
         with self.strategy.scope():
@@ -247,7 +252,7 @@ class TrainingRun:
             self.optimizer.build(model.trainable_variables)
         self._train_steps = compile_steps(train_step, model, self.optimizer, loss_fn, self.strategy)
         self.checkpoint = RunCheckpoint(checkpoint_dir, model, self.optimizer,
-                                        run_record(model, config, loss_fn, self.train_images), allow_new_settings,
+                                        run_record(model, config, loss_fn, self.inputs), allow_new_settings,
                                         verbose)
         self.history = self.checkpoint.history
 
@@ -258,7 +263,7 @@ class TrainingRun:
         # epoch trained again after an interruption draws exactly what the uninterrupted run drew.
         key = config.seed * 100_003 + epoch
         self.model.rng.reset_from_seed(key)
-        dataset = tf.data.Dataset.from_tensor_slices(self.train_images).shuffle(len(self.train_images), seed=key)
+        dataset = tf.data.Dataset.from_tensor_slices(self.inputs).shuffle(len(self.train_images), seed=key)
         dataset = dataset.batch(config.batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
         iterator = iter(self.strategy.experimental_distribute_dataset(dataset))
         if hasattr(self.loss_fn, "start_epoch"):
@@ -314,11 +319,11 @@ def _check_arguments(model, config, loss_fn, strategy, checkpoint_dir, allow_new
             raise TypeError(f"{name} must be True or False, got {value!r}")
 
 
-def _check_loss(loss_fn: Callable, model, images) -> None:
-    """Run the loss once on two images, so that a loss that fails or is not a scalar stops before any training."""
+def _check_loss(loss_fn: Callable, model, batch) -> None:
+    """Run the loss once on a batch of two, so that a loss that fails or is not a scalar stops before any training."""
     name = describe_loss(loss_fn)
     try:
-        loss = loss_fn(model, tf.constant(images))
+        loss = loss_fn(model, batch)
     except (ValueError, TypeError, tf.errors.OpError) as error:
         first_line = str(error).strip().partition("\n")[0][:200]
         raise ValueError(f"loss_fn {name} fails on this model ({type(error).__name__}: {first_line}). The homework's "
@@ -353,18 +358,21 @@ def describe_loss(loss_fn) -> str:
     return f"{loss_fn.__module__}.{getattr(loss_fn, '__qualname__', type(loss_fn).__qualname__)}"
 
 
-def run_record(model, config, loss_fn: Callable, train_images: np.ndarray) -> dict:
+def run_record(model, config, loss_fn: Callable, train_inputs) -> dict:
     """What a run trains, flat: the model and training configurations, the loss, the data's shape and fingerprint.
 
     The settings that change nothing that is trained (steps per call, evaluation batch, precision) are left out.
     """
     training = {key: value for key, value in dataclasses.asdict(config).items()
                 if key not in ("steps_per_execution", "eval_batch_size", "precision")}
-    fingerprint = hashlib.sha256(np.ascontiguousarray(train_images)).hexdigest()[:16]
+    fingerprint = hashlib.sha256()
+    for array in tf.nest.flatten(train_inputs):  # the images, and the labels of a conditional model
+        fingerprint.update(np.ascontiguousarray(array))
+    train_images = tf.nest.flatten(train_inputs)[0]
     architecture = dataclasses.asdict(model.config)
     record = {"model.class": type(model).__name__, **{f"model.{k}": v for k, v in architecture.items()},
               **{f"training.{k}": v for k, v in training.items()}, "loss": describe_loss(loss_fn),
-              "data": f"{train_images.dtype} {list(train_images.shape)} sha256 {fingerprint}"}
+              "data": f"{train_images.dtype} {list(train_images.shape)} sha256 {fingerprint.hexdigest()[:16]}"}
     return json.loads(json.dumps(record))  # as a checkpoint reads it back: tuples as lists
 
 

@@ -1,6 +1,7 @@
 """vae_extensions.ConditionalCVAE: the label's one-hot vector joins the encoder's features and the decoder's code; its
 ELBO, its evaluation and its two plots. Tiny models, seeded, fast."""
 
+import functools
 import math
 
 import numpy as np
@@ -9,6 +10,7 @@ import tensorflow as tf
 from matplotlib.figure import Figure
 
 import vae_extensions as vx
+import vae_runtime as vr
 import vae_utils as vu
 from conftest import TINY_CONFIG, assert_gradients_reach_every_variable, synthetic_images
 
@@ -155,3 +157,29 @@ def test_class_names_must_name_every_class(model, batch):
         vx.plot_digits_on_demand(model, NAMES[:3])
     with pytest.raises(ValueError, match="class_names"):
         vx.plot_style_kept_label_changed(model, batch[0][:2], batch[1][:2], NAMES + ["extra"])
+
+
+def test_train_conditional_trains_checkpoints_and_resumes_exactly(tmp_path):
+    train, train_labels = synthetic_images(128, seed=1)
+    test, test_labels = synthetic_images(32, seed=2)
+    data = vu.DataSplits("mnist", train, train_labels, test, test_labels)
+    config = vu.TrainConfig(epochs=2, batch_size=32, precision="float32")
+
+    def model():
+        return vu.build_model(TINY_CONFIG, config, model_class=functools.partial(vx.ConditionalCVAE, num_classes=4))
+
+    uninterrupted = model()
+    expected = vx.train_conditional(uninterrupted, data, config, verbose=False)
+    assert expected[1]["test_elbo"] > expected[0]["test_elbo"] and np.isfinite(expected[1]["train_loss"])
+    folder = str(tmp_path / "run")
+    vx.train_conditional(model(), data, vu.TrainConfig(epochs=1, batch_size=32, precision="float32"),
+                         checkpoint_dir=folder, verbose=False)
+    resumed = model()
+    history = vx.train_conditional(resumed, data, config, checkpoint_dir=folder, verbose=False)
+    assert [{k: v for k, v in row.items() if k != "seconds"} for row in history] == [
+        {k: v for k, v in row.items() if k != "seconds"} for row in expected]
+    for weight, reference in zip(resumed.get_weights(), uninterrupted.get_weights(), strict=True):
+        np.testing.assert_array_equal(weight, reference)
+    other_labels = vu.DataSplits("mnist", train, (train_labels + 1) % 4, test, test_labels)
+    with pytest.raises(vr.CheckpointMismatchError, match="data: "):
+        vx.train_conditional(model(), other_labels, config, checkpoint_dir=folder, verbose=False)

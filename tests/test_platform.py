@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import vae_runtime
 import vae_utils
 from conftest import LOGICAL_CPUS, TINY_CONFIG, synthetic_images
 
@@ -39,21 +40,21 @@ def unreachable_tpu(monkeypatch):
 def test_on_this_cpu_get_strategy_returns_the_default_strategy_and_says_so_in_one_line(no_tpu_name, capsys):
     if tf.config.list_logical_devices("GPU"):
         pytest.skip("this machine has a GPU")
-    strategy = vae_utils.get_strategy()
+    strategy = vae_runtime.get_strategy()
     assert strategy is tf.distribute.get_strategy() and strategy.num_replicas_in_sync == 1
     (line,) = printed_lines(capsys)
     assert line.startswith("Strategy: _DefaultDistributionStrategy with 1 replica(s)") and "the CPU" in line
 
 
 def test_quiet_get_strategy_prints_nothing(no_tpu_name, capsys):
-    vae_utils.get_strategy(verbose=False)
+    vae_runtime.get_strategy(verbose=False)
     assert capsys.readouterr().out == ""
 
 
 def test_an_unreachable_tpu_is_reported_in_one_line_and_the_next_best_strategy_is_used(unreachable_tpu, capsys):
     if tf.config.list_logical_devices("GPU"):
         pytest.skip("this machine has a GPU")
-    strategy = vae_utils.get_strategy()
+    strategy = vae_runtime.get_strategy()
     assert strategy is tf.distribute.get_strategy()
     failure, chosen = printed_lines(capsys)
     assert failure.startswith("TPU not used (OSError: <urlopen error") and "trying the GPUs and the CPU" in failure
@@ -62,13 +63,13 @@ def test_an_unreachable_tpu_is_reported_in_one_line_and_the_next_best_strategy_i
 
 def test_a_tpu_error_of_several_lines_is_still_reported_in_one_line(unreachable_tpu, capsys):
     unreachable_tpu[0] = tf.errors.NotFoundError(None, None, "TPU initialization failed:\nsecond line of detail")
-    assert vae_utils.get_strategy() is tf.distribute.get_strategy()
+    assert vae_runtime.get_strategy() is tf.distribute.get_strategy()
     lines = printed_lines(capsys)
     assert len(lines) == 2 and lines[0].startswith("TPU not used (NotFoundError")
 
 
 def test_describe_machine_is_one_line_naming_the_python_and_tensorflow_versions():
-    line = vae_utils.describe_machine()
+    line = vae_runtime.describe_machine()
     assert "\n" not in line
     assert f"Python {platform.python_version()}" in line and f"TensorFlow {tf.__version__}" in line
     assert "Keras " in line and "CPU cores" in line

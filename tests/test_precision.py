@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import vae_runtime
 import vae_utils
 from conftest import TINY_CONFIG, synthetic_images
 
@@ -26,7 +27,7 @@ OLD_CPU = {"sse4_2", "avx2"}
     (BF16_CPU, [(6, 0)], False, "float32"),  # P100: the GPU decides, not the CPU
 ], ids=["tpu", "avx512_bf16", "amx_bf16", "old_cpu", "a100", "l4", "t4", "v100", "l4_and_t4", "p100"])
 def test_auto_precision_for_described_machines(cpu_flags, gpu_capabilities, tpu, expected, capsys):
-    chosen = vae_utils.choose_precision("auto", cpu_flags=cpu_flags, gpu_capabilities=gpu_capabilities, tpu=tpu,
+    chosen = vae_runtime.choose_precision("auto", cpu_flags=cpu_flags, gpu_capabilities=gpu_capabilities, tpu=tpu,
                                         verbose=True)
     assert chosen == expected
     out = capsys.readouterr().out
@@ -37,13 +38,13 @@ def test_auto_precision_for_described_machines(cpu_flags, gpu_capabilities, tpu,
 def test_an_explicit_precision_is_kept_on_any_machine(requested):
     for machine in (dict(cpu_flags=OLD_CPU, gpu_capabilities=[], tpu=False),
                     dict(cpu_flags=BF16_CPU, gpu_capabilities=[(7, 5)], tpu=True)):
-        assert vae_utils.choose_precision(requested, **machine) == requested
+        assert vae_runtime.choose_precision(requested, **machine) == requested
 
 
 @pytest.mark.parametrize("bad", ["bfloat16", "fp16", ""])
 def test_an_unknown_precision_is_refused_naming_the_argument(bad):
     with pytest.raises(ValueError, match=f"precision={bad!r}"):
-        vae_utils.choose_precision(bad)
+        vae_runtime.choose_precision(bad)
     with pytest.raises(ValueError, match=f"precision={bad!r}"):
         vae_utils.TrainConfig(precision=bad)
 
@@ -51,7 +52,7 @@ def test_an_unknown_precision_is_refused_naming_the_argument(bad):
 @pytest.mark.parametrize("precision", ["float32", "mixed_bfloat16", "mixed_float16"])
 def test_model_precision_is_the_policy_the_model_was_built_with_and_the_global_policy_is_restored(precision):
     model = vae_utils.build_model(TINY_CONFIG, vae_utils.TrainConfig(precision=precision))
-    assert vae_utils.model_precision(model) == precision
+    assert vae_runtime.model_precision(model) == precision
     assert tf.keras.mixed_precision.global_policy().name == "float32"
     assert all(variable.dtype == tf.float32 for variable in model.variables)  # variables stay float32
 
@@ -83,7 +84,7 @@ def test_float16_training_uses_loss_scaling_and_gives_finite_losses(monkeypatch)
     test, _ = synthetic_images(8, seed=2)
     config = vae_utils.TrainConfig(epochs=1, batch_size=16, precision="mixed_float16")
     model = vae_utils.build_model(TINY_CONFIG, config)
-    assert vae_utils.model_precision(model) == "mixed_float16"
+    assert vae_runtime.model_precision(model) == "mixed_float16"
     history = vae_utils.main_train_loop(model, train, test, config, verbose=False)
     # Steps whose float16 gradients overflow are skipped (and the loss scale halved), so none need have been applied.
     assert len(wrapped) == 1 and np.isfinite(float(wrapped[0].dynamic_scale.numpy()))

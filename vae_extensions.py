@@ -543,14 +543,24 @@ SUMMARY_COLUMNS = {"epochs": ("epochs", 0), "train_seconds": ("training s", 0), 
                    "active_units": ("active units", 0), "probe_accuracy": ("linear probe", 3)}
 
 
+MISSING = "–"  # what the tables show where a measure does not apply, e.g. bits/dim of a Bernoulli model of CIFAR-10
+
+
+def _text(value, spec: str) -> str:
+    """`value` formatted with `spec`, or "–" when it is None or NaN."""
+    if value is None or (isinstance(value, (float, np.floating)) and math.isnan(value)):
+        return MISSING
+    return format(value, spec)
+
+
 def results_table(results: Sequence[dict], columns: Mapping[str, tuple[str, int]] | None = None):
-    """The results rows as a DataFrame indexed by model name; with `columns`, only those, renamed and rounded."""
+    """The results rows indexed by model name, "–" where a measure does not apply; `columns` picks and rounds."""
     import pandas as pd
 
     table = pd.DataFrame(list(results)).set_index("name")
     if columns is None:
-        return table
-    return pd.DataFrame({heading: table[key].astype(float).round(decimals) if decimals else table[key].astype(int)
+        return table.astype(object).where(table.notna(), MISSING)
+    return pd.DataFrame({heading: table[key].map(lambda value, spec=f".{decimals}f": _text(value, spec))
                          for key, (heading, decimals) in columns.items()})
 
 
@@ -633,13 +643,14 @@ def elbo_vs_mmd_table(results: Mapping[str, dict], summaries: Mapping[str, dict]
 
     metrics = {"test_elbo": "test ELBO (nats)", "iwae_nll_nats": "IWAE -log p(x) bound (nats)", "psnr_db": "PSNR (dB)",
                "active_units": "active units", "probe_accuracy": "linear probe accuracy"}
+    # Labels of at most 50 characters: pandas cuts longer ones ("display.max_colwidth").
     code_stats = {"mmd_to_prior": "MMD^2(q(z), N(0, I))", "mean_abs_mean": "mean |code mean| per dimension",
                   "mean_variance": "mean code variance per dimension",
-                  "moment_kl_nats": "KL of the moment-matched Gaussian to N(0, I) (nats)",
+                  "moment_kl_nats": "KL of moment-matched Gaussian to N(0, I) (nats)",
                   "mean_posterior_std": "mean posterior std exp(logvar / 2)"}
     return pd.DataFrame({name: {**{label: results[name][key] for key, label in metrics.items()},
                                 **{label: summaries[name][key] for key, label in code_stats.items()}}
-                         for name in results}).map(lambda value: f"{value:.4g}")  # 4 significant digits, as text
+                         for name in results}).map(lambda value: _text(value, ".4g"))  # 4 significant digits
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -686,8 +697,8 @@ def mmd_weight_sweep(weights: Sequence[float], model_config: vu.VAEConfig, data:
                "test_elbo": history[-1]["test_elbo"],
                "mmd_to_prior": mmd_to_prior(aggregate_posterior_samples(model, test_images))}
         print(f"{'ELBO loss' if loss is vu.compute_loss else f'MMD weight {loss.mmd_weight:g}'}: on the first "
-              f"{len(test_images)} test images PSNR {row['psnr_db']:.2f} dB and MMD^2 of the codes to N(0, I) "
-              f"{row['mmd_to_prior']:.2e}; test ELBO {row['test_elbo']:.1f} nats "
+              f"{len(test_images)} test images PSNR {row['psnr_db']:.2f} dB and MMD² of the codes to N(0, I) "
+              f"{row['mmd_to_prior']:.3g}; test ELBO {row['test_elbo']:.1f} nats "
               f"(trained in {sum(r['seconds'] for r in history):.0f} s)")
         rows.append(row)
         models[name], histories[name] = model, history
@@ -726,27 +737,39 @@ def walk_between_images(model: vu.CVAE, src_image, dst_image, steps: int = 10,
                               suptitle=f"Walk between two test images: {names[0]} to {names[1]}")
 
 
-def plot_latent_moments(summaries: Mapping[str, dict], title: str = "", path: str | None = None) -> Figure:
-    """Per-dimension mean and variance of each model's aggregate codes (`latent_distribution_summary`), sorted by
-    variance, against the prior's 0 and 1 (dashed)."""
+def plot_latent_moments(summaries: Mapping[str, dict],
+                        title: str = "Mean and variance of each code dimension, against the prior N(0, I)",
+                        path: str | None = None) -> Figure:
+    """Per-dimension mean and variance of each model's aggregate codes, sorted by variance, against N(0, I)."""
+    from matplotlib import ticker
+
     figure = Figure(figsize=(11, 3.8), layout="constrained")
     mean_axis, variance_axis = figure.subplots(1, 2)
     for name, summary in summaries.items():
         variances = np.asarray(summary["per_dim_variance"])
         order = np.argsort(variances)[::-1]
-        label = f"{name} (MMD^2 {summary['mmd_to_prior']:.2e})"
-        mean_axis.plot(np.asarray(summary["per_dim_mean"])[order], marker=".", label=label)
-        variance_axis.plot(variances[order], marker=".", label=label)
+        label = f"{name} (MMD² to the prior {summary['mmd_to_prior']:.2g})"
+        # Points, not lines: neighbouring dimensions are unrelated.
+        mean_axis.plot(np.asarray(summary["per_dim_mean"])[order], marker="o", ms=3, ls="none", alpha=0.8, label=label)
+        variance_axis.plot(variances[order], marker="o", ms=3, ls="none", alpha=0.8, label=label)
     mean_axis.axhline(0.0, color="black", ls="--", lw=1)
     variance_axis.axhline(1.0, color="black", ls="--", lw=1)
     mean_axis.set(title="mean of each code dimension", xlabel="dimension (sorted by variance)", ylabel="mean")
     variance_axis.set(title="variance of each code dimension", xlabel="dimension (sorted by variance)",
-                      ylabel="variance", yscale="log")
+                      ylabel="variance (log scale)", yscale="log")
+    # Plain numbers (0.3, 1, 3), not 3×10⁻¹; the fewer powers of ten the axis spans, the more of them in between, and
+    # evenly spaced ones (0.9, 1, 1.1) within less than 0.6 of a power of ten, where a log axis is close to linear.
+    low, high = variance_axis.get_ylim()
+    decades = np.log10(high / low)
+    subs = (1.0,) if decades > 3.5 else (1.0, 3.0) if decades > 1.5 else (1.0, 2.0, 3.0, 5.0)
+    variance_axis.yaxis.set_major_locator(ticker.LogLocator(subs=subs) if decades > 0.6 else
+                                           ticker.MaxNLocator(5, steps=[1, 2, 5, 10]))
+    variance_axis.yaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:g}"))
+    variance_axis.yaxis.set_minor_formatter(ticker.NullFormatter())
     for axis in (mean_axis, variance_axis):
         axis.grid(alpha=0.3)
-    variance_axis.legend(fontsize=8)
-    if title:
-        figure.suptitle(title)
+    variance_axis.legend(fontsize=8, markerscale=2)
+    figure.suptitle(title)
     return vu._save(figure, path)
 
 
@@ -787,14 +810,14 @@ def plot_mmd_sweep(sweep: MMDSweep, title: str = "MMD weight sweep", path: str |
     trade_axis.scatter([reference["mmd_to_prior"]], [reference["psnr_db"]], marker="*", s=160, color="C2",
                        label="ELBO loss", zorder=3)
     trade_axis.margins(x=0.15, y=0.15)  # room for the labels at the ends
-    trade_axis.set(xscale="log", xlabel="MMD^2 of the test codes to N(0, I)", ylabel="PSNR (dB)",
+    trade_axis.set(xscale="log", xlabel="MMD² of the test codes to N(0, I)", ylabel="PSNR (dB)",
                    title="reconstruction against the match to the prior")
     trade_axis.legend(fontsize=8)
     mmd_axis.plot(weights, mmds, marker="o", label="MMD models' codes")
     mmd_axis.axhline(reference["mmd_to_prior"], color="C2", lw=1.5, label="ELBO model's codes")
     mmd_axis.axhline(sweep.noise_floor, color="black", ls="--", lw=1, label="two samples of N(0, I)")
     mmd_axis.axvline(sweep.chosen_weight, color="C3", lw=1, label=f"chosen: {sweep.chosen_weight:g}")
-    mmd_axis.set(xscale="log", yscale="log", xlabel="MMD weight", ylabel="MMD^2 to N(0, I)",
+    mmd_axis.set(xscale="log", yscale="log", xlabel="MMD weight", ylabel="MMD² to N(0, I)",
                  title="distance of the codes to the prior")
     for axis in (trade_axis, mmd_axis):
         axis.grid(alpha=0.3)

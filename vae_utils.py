@@ -556,7 +556,7 @@ def _show_image(axis, image) -> None:
     axis.set_yticks([])
 
 
-def plot_image_grid(images, ncols: int = 10, titles: Sequence[str] | None = None, suptitle: str | None = None,
+def plot_image_grid(images, ncols: int = 10, titles: Sequence[str] | None = None, suptitle: str | None = "Images",
                     row_labels: Sequence[str] | None = None, cell: float = 1.1, path: str | None = None) -> Figure:
     """Show `images` (N, H, W, C) in a grid, with optional per-image titles and a label left of each row."""
     nrows = math.ceil(len(images) / ncols)
@@ -584,7 +584,7 @@ def plot_one_image_per_class(images, labels, class_names: Sequence[str], path: s
         raise ValueError(f"labels hold no image of the classes {missing}")
     firsts = [int(np.flatnonzero(labels == c)[0]) for c in range(len(class_names))]
     return plot_image_grid(np.asarray(images)[firsts], ncols=len(class_names), titles=list(class_names), cell=1.2,
-                           path=path)
+                           suptitle="The first image of each class", path=path)
 
 
 def generate_and_display_images(model: CVAE, epoch: int, test_sample, path: str | None = None) -> Figure:
@@ -601,8 +601,7 @@ def generate_and_display_images(model: CVAE, epoch: int, test_sample, path: str 
 def plot_latent_space(codes_by_class: Mapping[int, np.ndarray], class_names: Sequence[str],
                       max_points_per_class: int = 400, title: str = "Latent means", seed: int = 0,
                       path: str | None = None) -> Figure:
-    """Scatter the latent codes, one colour per class, class means marked; codes of more than two dimensions are
-    projected on their first two principal components."""
+    """Scatter the codes (2-d, else their first two principal components) by class, each class mean marked and named."""
     from sklearn.decomposition import PCA
 
     codes = vr.check_codes(np.concatenate(list(codes_by_class.values())), "codes_by_class", min_dims=2)
@@ -613,24 +612,82 @@ def plot_latent_space(codes_by_class: Mapping[int, np.ndarray], class_names: Seq
     else:
         project, labels = np.asarray, ["z[0]", "z[1]"]  # nothing to project: the axes are the code's own
     rng = np.random.default_rng(seed)
-    figure = Figure(figsize=(8, 6), layout="constrained")
+    figure = Figure(figsize=(8.5, 6), layout="constrained")
     axis = figure.subplots()
-    centres = []
-    for index, (label, class_codes) in enumerate(codes_by_class.items()):
-        chosen = project(class_codes[rng.permutation(len(class_codes))[:max_points_per_class]])
-        axis.scatter(chosen[:, 0], chosen[:, 1], s=6, alpha=0.5, color=f"C{index % 10}", label=class_names[label])
-        centres.append(project(class_codes.mean(axis=0, keepdims=True))[0])
-        axis.scatter(*centres[-1], s=140, color=f"C{index % 10}", edgecolors="black", marker="X")
-    # Names in a column right of the plot, in the order of their means' heights, each joined to its mean by a line:
-    # means that nearly coincide (CIFAR-10's) would overprint names written beside them.
-    order = np.argsort([-centre[1] for centre in centres])
-    for rank, index in enumerate(order):
-        axis.annotate(class_names[list(codes_by_class)[index]], centres[index], xytext=(1.03, 0.95 - 0.9 * rank /
-                      max(1, len(order) - 1)), textcoords="axes fraction", va="center", fontsize=9, weight="bold",
-                      bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": f"C{index % 10}"},
-                      arrowprops={"arrowstyle": "-", "color": f"C{index % 10}", "lw": 0.8})
+    names = [class_names[label] for label in codes_by_class]
+    colours = [f"C{index % 10}" for index in range(len(names))]
+    shown = []
+    for class_codes, name, colour in zip(codes_by_class.values(), names, colours):
+        shown.append(project(class_codes[rng.permutation(len(class_codes))[:max_points_per_class]]))
+        axis.scatter(shown[-1][:, 0], shown[-1][:, 1], s=6, alpha=0.4, linewidths=0, color=colour, label=name)
+    centres = np.stack([project(class_codes.mean(axis=0, keepdims=True))[0] for class_codes in codes_by_class.values()])
+    axis.scatter(centres[:, 0], centres[:, 1], s=40, c=colours, edgecolors="black", linewidths=1, zorder=3,
+                 gid="class means")
     axis.set(xlabel=labels[0], ylabel=labels[1], title=title)
+    legend = axis.legend(title="class", loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, markerscale=3)
+    for handle in legend.legend_handles:
+        handle.set_alpha(1.0)
+    figure.draw_without_rendering()  # the layout and limits that axes fractions refer to
+    to_fraction = axis.transData + axis.transAxes.inverted()
+    if len(centres) > 1 and np.ptp(to_fraction.transform(centres), axis=0).max() < 0.15:
+        # Means that nearly coincide (CIFAR-10's) would print names over names: name them in a zoom on the means.
+        axis = _zoom_on(axis, centres, to_fraction.transform(np.concatenate(shown)))
+        axis.scatter(centres[:, 0], centres[:, 1], s=40, c=colours, edgecolors="black", linewidths=1, gid="class means")
+        figure.draw_without_rendering()
+    _name_points(axis, centres, names, colours)
     return _save(figure, path)
+
+
+def _zoom_on(axis, points: np.ndarray, shown: np.ndarray):
+    """An inset zoomed on `points`, in the corner of `axis` holding the fewest `shown` points (axes fractions)."""
+    pad = 0.3 * np.ptp(points, axis=0).max()  # room around the points for their names
+    low = points.min(axis=0) - pad
+    high = points.max(axis=0) + pad
+    corners = [(x, y) for y in (0.57, 0.07) for x in (0.57, 0.07)]
+    crowding = [np.sum(np.all((shown > corner) & (shown < np.add(corner, 0.4)), axis=1)) for corner in corners]
+    inset = axis.inset_axes([*corners[int(np.argmin(crowding))], 0.4, 0.38])
+    inset.set(xlim=(low[0], high[0]), ylim=(low[1], high[1]))
+    inset.set_title("class means, zoomed", fontsize=8, pad=3)
+    inset.tick_params(labelsize=7)
+    inset.locator_params(nbins=4)
+    axis.indicate_inset([*low, *(high - low)], edgecolor="black", alpha=0.8)
+    return inset
+
+
+def _overlap_area(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """Area that `box` shares with each of `boxes`, all given as (x0, y0, x1, y1)."""
+    sides = np.minimum(box[2:], boxes[:, 2:]) - np.maximum(box[:2], boxes[:, :2])
+    return np.prod(np.clip(sides, 0.0, None), axis=-1)
+
+
+def _name_points(axis, points: np.ndarray, names: Sequence[str], colours: Sequence[str], fontsize: float = 9) -> None:
+    """Write each name beside its point on a white halo, at the nearest spot clear of the other names and points."""
+    from matplotlib import colors, patheffects
+    from matplotlib.font_manager import FontProperties
+    from matplotlib.textpath import TextPath
+
+    scale = 72 / axis.figure.dpi  # points per pixel: the lengths below are in points
+    centres = axis.transData.transform(points) * scale
+    frame = axis.get_window_extent().extents[None] * scale
+    radius, height = 5.0, 1.2 * fontsize  # a marker's (s=40) with a margin; a line of text
+    taken = np.concatenate([centres - radius, centres + radius], axis=1)  # boxes (x0, y0, x1, y1)
+    halo = [patheffects.withStroke(linewidth=3, foreground="white")]
+    for point, centre, name, colour in zip(points, centres, names, colours):
+        width = TextPath((0, 0), name, size=fontsize, prop=FontProperties(weight="bold")).get_extents().width + 3
+        spots = []  # lower-left corners, ring by ring farther out: right, left, above, below, then the diagonals
+        for r in radius + 1 + height * np.arange(4):
+            spots += [(r, -height / 2), (-r - width, -height / 2), (-width / 2, r), (-width / 2, -r - height),
+                      (0.7 * r, 0.7 * r), (0.7 * r, -0.7 * r - height), (-0.7 * r - width, 0.7 * r),
+                      (-0.7 * r - width, -0.7 * r - height)]
+        boxes = [np.r_[centre + spot, centre + spot + (width, height)] for spot in spots]
+        costs = [_overlap_area(box, taken).sum() + width * height - _overlap_area(box, frame)[0] for box in boxes]
+        # The first spot clear of everything, else the least covered one (rounded: the areas' differences leave ~1e-14).
+        best = int(np.argmin(np.round(costs, 6)))
+        taken = np.vstack([taken, boxes[best]])
+        dark = 0.65 * np.asarray(colors.to_rgb(colour))  # the class colour, dark enough to read on the halo
+        axis.annotate(name, point, xytext=(spots[best][0], spots[best][1] + height / 2),
+                      textcoords="offset points", va="center", fontsize=fontsize, weight="bold", color=dark,
+                      path_effects=halo, zorder=4, in_layout=False)
 
 
 def decode_line(model: CVAE, start, end, steps: int) -> np.ndarray:
@@ -701,13 +758,14 @@ def draw_architecture(model: CVAE, path: str | None = None) -> Figure | None:
     return _save(figure, path)
 
 
-def plot_history(histories: Mapping[str, Sequence[dict]], path: str | None = None) -> Figure:
+def plot_history(histories: Mapping[str, Sequence[dict]], title: str = "Test-set ELBO after each epoch",
+                 path: str | None = None) -> Figure:
     """Plot the test-set ELBO per epoch for each named run."""
     figure = Figure(figsize=(6, 3.5), layout="constrained")
     axis = figure.subplots()
     for name, history in histories.items():
         axis.plot([row["epoch"] for row in history], [row["test_elbo"] for row in history], marker="o", label=name)
-    axis.set(xlabel="epoch", ylabel="test ELBO (nats)")
+    axis.set(xlabel="epoch", ylabel="test ELBO (nats)", title=title)
     axis.grid(alpha=0.3)
     axis.legend()
     return _save(figure, path)

@@ -437,13 +437,27 @@ def test_compare_code_distributions_summarizes_each_model():
     assert summaries["first"]["mmd_to_prior"] != summaries["second"]["mmd_to_prior"]
 
 
-def test_plot_latent_moments_returns_figure():
+@pytest.mark.parametrize("scales", [(1.0, 0.5), (2.0, 0.55), (1.0, 1.1), (1.4, 0.8), (30.0, 0.03)],
+                         ids=["0.25 to 1", "0.3 to 4", "1 to 1.1", "0.8 to 1.4", "0.03 to 30"])
+def test_plot_latent_moments_draws_points_and_plain_variance_ticks(scales):
     rng = np.random.default_rng(0)
-    summaries = {"ELBO": vx.latent_distribution_summary(rng.normal(size=(300, 4))),
-                 "MMD": vx.latent_distribution_summary(rng.normal(scale=0.5, size=(300, 4)))}
+    summaries = {name: vx.latent_distribution_summary(rng.normal(size=(300, 6)) * np.geomspace(*scales, 6) ** 0.5)
+                 for name in ("ELBO", "MMD")}
     figure = vx.plot_latent_moments(summaries)
-    assert isinstance(figure, Figure)
-    assert len(figure.axes[1].lines) == 3  # two models and the prior's variance
+    assert figure.get_suptitle().strip() and all(axis.get_title() for axis in figure.axes)
+    for axis in figure.axes:  # per model a point per dimension, not joined by lines; and the prior's value, dashed
+        points = [line for line in axis.lines if line.get_marker() == "o"]
+        assert len(points) == 2 and len(axis.lines) == 3
+        assert all(line.get_linestyle() == "None" and len(line.get_xdata()) == 6 for line in points)
+    figure.draw_without_rendering()
+    variance_axis = figure.axes[1]
+    low, high = variance_axis.get_ylim()
+    shown = [label.get_text() for label in variance_axis.get_yticklabels(which="both")
+             if label.get_text() and low <= label.get_position()[1] <= high]
+    assert len(shown) >= 2, shown
+    for text in shown:  # plain numbers such as 0.3, 1, 10: no 3×10⁻¹ or 10^0
+        assert float(text) > 0 and "times" not in text and "^" not in text and "$" not in text
+    assert vx.plot_latent_moments(summaries, title="MNIST").get_suptitle() == "MNIST"
 
 
 @pytest.mark.parametrize("steps", [1, 0, 2.5])
@@ -493,8 +507,10 @@ def test_mmd_weight_sweep_trains_one_model_per_weight_and_chooses(capsys, tmp_pa
     assert len(printed) == 3
     assert printed[0].startswith("ELBO loss: on the first 12 test images PSNR ")
     assert printed[1].startswith("MMD weight 1: on the first 12 test images PSNR ")
+    assert not any("(s)" in line or "^" in line for line in printed)
     figure = vx.plot_mmd_sweep(sweep)
     assert isinstance(figure, Figure) and len(figure.axes) == 2
+    assert figure.get_suptitle() == "MMD weight sweep" and all(axis.get_title() for axis in figure.axes)
     assert any(line.get_label() == f"chosen: {sweep.chosen_weight:g}" for line in figure.axes[1].lines)
     for bad in ([], [1.0, -1.0]):
         with pytest.raises(ValueError, match="weights is empty|mmd_weight="):
@@ -509,6 +525,40 @@ def test_elbo_vs_mmd_table_has_one_column_per_model():
                                  {"ELBO": codes, "MMD": {**codes, "mmd_to_prior": 0.001}})
     assert list(table.columns) == ["ELBO", "MMD"] and len(table) == 10
     assert table.loc["PSNR (dB)", "MMD"] == "17" and table.loc["MMD^2(q(z), N(0, I))", "ELBO"] == "0.01"
+    # Labels that pandas shows whole (it cuts those longer than display.max_colwidth, 50 by default).
+    assert max(len(label) for label in table.index) <= 50 and "..." not in repr(table)
+    missing = vx.elbo_vs_mmd_table({"ELBO": {**metrics, "iwae_nll_nats": None}, "MMD": metrics},
+                                   {"ELBO": codes, "MMD": {**codes, "mean_posterior_std": float("nan")}})
+    assert missing.loc["IWAE -log p(x) bound (nats)", "ELBO"] == "–"
+    assert missing.loc["mean posterior std exp(logvar / 2)", "MMD"] == "–"
+    assert missing.loc["IWAE -log p(x) bound (nats)", "MMD"] == "98"
+    assert "nan" not in repr(missing).lower() and "None" not in repr(missing)
+
+
+def test_results_table_shows_a_dash_where_a_measure_does_not_apply():
+    row = {"epochs": 2, "train_seconds": 100.26, "test_elbo": -2003.34, "iwae_nll_nats": 1990.0, "psnr_db": 19.123,
+           "active_units": 40, "probe_accuracy": 0.4125}
+    results = [{"name": "CIFAR-10 ELBO (homework)", **row, "bits_per_dim": None},
+               {"name": "CIFAR-10 improved", **row, "bits_per_dim": 6.23733}]
+    table = vx.results_table(results, vx.SUMMARY_COLUMNS)
+    assert table.loc["CIFAR-10 ELBO (homework)", "bits/dim"] == "–"
+    assert table.loc["CIFAR-10 improved", "bits/dim"] == "6.237"
+    assert table.loc["CIFAR-10 improved"].tolist() == ["2", "100", "-2003.3", "1990.0", "6.237", "19.12", "40", "0.412"]
+    assert "nan" not in repr(table).lower() and "None" not in repr(table)
+    full = vx.results_table(results)
+    assert full.loc["CIFAR-10 ELBO (homework)", "bits_per_dim"] == "–"
+    assert full.loc["CIFAR-10 improved", "bits_per_dim"] == 6.23733
+
+
+@pytest.mark.parametrize("plot", [
+    lambda models, images: vx.walk_between_images(models["ELBO"], images[0], images[1], steps=3),
+    lambda models, images: vx.plot_prior_samples_by_model(models, num_samples=3),
+    lambda models, images: vx.plot_reconstructions_by_model(models, images[:3]),
+], ids=["walk_between_images", "plot_prior_samples_by_model", "plot_reconstructions_by_model"])
+def test_image_figures_are_titled_by_default(seeded, plot):
+    models = {name: vu.CVAE(vu.VAEConfig(img_size=8, latent_dim=3, num_convolutions=1, filters=4))
+              for name in ("ELBO", "MMD")}
+    assert plot(models, tiny_images(3, seed=5)).get_suptitle().strip()
 
 
 # --- scores of a trained model and the results table ------------------------------------------------------------------
@@ -552,7 +602,7 @@ def test_score_model_results_table_and_written_results(splits, tmp_path):
     assert (tmp_path / "tiny_elbo").is_dir()
     table = vx.results_table([result], vx.SUMMARY_COLUMNS)
     assert list(table.columns) == [heading for heading, _ in vx.SUMMARY_COLUMNS.values()]
-    assert table.loc["tiny ELBO", "test ELBO"] == round(result["test_elbo"], 1)
+    assert table.loc["tiny ELBO", "test ELBO"] == f"{result['test_elbo']:.1f}"
     vx.write_results(str(tmp_path / "results.json"), [result], quick=True)
     assert json.loads((tmp_path / "results.json").read_text())["models"][0]["name"] == "tiny ELBO"
     probes = vx.probe_table(run.model, splits, max_train=128)

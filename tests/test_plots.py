@@ -36,8 +36,7 @@ def shown_images(figure: Figure) -> list[np.ndarray]:
 
 HELPERS = {
     "plot_image_grid": lambda model, data, path: vae_utils.plot_image_grid(
-        data[2][:12], ncols=5, titles=[str(i) for i in range(12)], suptitle="grid", row_labels=["a", "b", "c"],
-        path=path),
+        data[2][:12], ncols=5, titles=[str(i) for i in range(12)], row_labels=["a", "b", "c"], path=path),
     "plot_one_image_per_class": lambda model, data, path: vae_utils.plot_one_image_per_class(
         data[0], data[1], NAMES, path=path),
     "generate_and_display_images": lambda model, data, path: vae_utils.generate_and_display_images(
@@ -62,6 +61,17 @@ def test_each_helper_returns_a_figure_and_saves_a_png_when_given_a_path(tiny_mod
     figure = HELPERS[helper](tiny_model, mnist_like, str(path))
     assert isinstance(figure, Figure)
     assert path.read_bytes().startswith(b"\x89PNG") and path.stat().st_size > 1000
+
+
+@pytest.mark.parametrize("helper", list(HELPERS))
+def test_each_helper_titles_its_figure_by_default(tiny_model, mnist_like, helper):
+    figure = HELPERS[helper](tiny_model, mnist_like, None)
+    assert figure.get_suptitle().strip() or figure.axes[0].get_title().strip()
+
+
+def test_image_grid_has_a_default_title_and_drops_it_when_asked(mnist_like):
+    assert vae_utils.plot_image_grid(mnist_like[2][:3]).get_suptitle() == "Images"
+    assert vae_utils.plot_image_grid(mnist_like[2][:3], suptitle=None).get_suptitle() == ""
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -115,9 +125,23 @@ def test_generate_and_display_images_shows_the_test_images_above_their_reconstru
 # ---------------------------------------------------------------------------------------------------------------------
 
 def class_mean_markers(axis) -> np.ndarray:
-    """Centres of the large "X" markers that plot_latent_space puts at the class means, in class order."""
-    markers = [collection for collection in axis.collections if collection.get_sizes()[0] > 100]
-    return np.array([collection.get_offsets()[0] for collection in markers], dtype=float)
+    """Centres of the markers that plot_latent_space puts at the class means, in class order."""
+    markers = [collection for collection in axis.collections if collection.get_gid() == "class means"]
+    return np.asarray(markers[0].get_offsets(), dtype=float)
+
+
+def name_boxes(figure: Figure, axis) -> list:
+    """The drawn extents of the texts of `axis`, after a layout."""
+    figure.draw_without_rendering()
+    return [text.get_window_extent() for text in axis.texts]
+
+
+def clustered_codes(spread_of_means: float, dims: int, seed: int = 0) -> dict[int, np.ndarray]:
+    """Ten classes of 300 codes: N(0, 3^2 I) around means whose distances from 0 are `spread_of_means`."""
+    rng = np.random.default_rng(seed)
+    offsets = rng.normal(size=(10, dims))
+    means = spread_of_means * offsets / np.linalg.norm(offsets, axis=1, keepdims=True)
+    return {c: means[c] + 3.0 * rng.normal(size=(300, dims)) for c in range(10)}
 
 
 def test_two_dimensional_codes_are_drawn_on_their_own_axes():
@@ -128,9 +152,38 @@ def test_two_dimensional_codes_are_drawn_on_their_own_axes():
     assert axis.get_xlabel() == "z[0]" and axis.get_ylabel() == "z[1]"
     np.testing.assert_allclose(class_mean_markers(axis), [codes[0].mean(axis=0), codes[1].mean(axis=0)], rtol=1e-9)
     np.testing.assert_allclose(np.sort(axis.collections[0].get_offsets(), axis=0), np.sort(codes[0], axis=0))
-    # Each name once, in the column right of the plot, ordered by its mean's height, joined to its mean.
-    assert [text.get_text() for text in axis.texts] == ["one", "zero"]
-    np.testing.assert_allclose([text.xy for text in axis.texts], [codes[1].mean(axis=0), codes[0].mean(axis=0)])
+    # Each name once, written at its mean (offset by a few points), with no line or arrow to it.
+    assert [text.get_text() for text in axis.texts] == ["zero", "one"]
+    np.testing.assert_allclose([text.xy for text in axis.texts], [codes[0].mean(axis=0), codes[1].mean(axis=0)])
+    assert all(text.arrow_patch is None and text.get_path_effects() for text in axis.texts)
+    assert not axis.child_axes  # no zoom: the means are far apart
+
+
+@pytest.mark.parametrize("spread_of_means, dims, zoomed", [(12.0, 16, False), (0.3, 64, True)],
+                         ids=["MNIST-like: means far apart", "CIFAR-like: means within 0.3, spread 3"])
+def test_class_names_are_written_at_their_means_without_overlapping(spread_of_means, dims, zoomed):
+    codes = clustered_codes(spread_of_means, dims)
+    names = [f"class {c}" for c in range(10)]
+    figure = vae_utils.plot_latent_space(codes, names)
+    axis = figure.axes[0]
+    # Means that nearly coincide are named in a zoom on them (an inset of the plot), not over the data.
+    named = axis.child_axes[0] if zoomed else axis
+    assert len(axis.child_axes) == int(zoomed) and len(axis.texts) == 10 * (not zoomed)
+    assert [text.get_text() for text in named.texts] == names
+    means = class_mean_markers(named)
+    np.testing.assert_allclose([text.xy for text in named.texts], means)
+    assert all(text.arrow_patch is None for text in named.texts)  # no leader lines
+    boxes = name_boxes(figure, named)
+    frame = named.get_window_extent()
+    assert all(frame.contains(box.x0, box.y0) and frame.contains(box.x1, box.y1) for box in boxes)
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    # Each name sits next to its own mean: within a few lines of text of it.
+    centres = named.transData.transform(means)
+    distances = [np.hypot(*(centre - [box.x0, (box.y0 + box.y1) / 2])) for centre, box in zip(centres, boxes)]
+    assert max(distances) < 5 * boxes[0].height + max(box.width for box in boxes)
+    legend = axis.get_legend()
+    assert [text.get_text() for text in legend.get_texts()] == names
+    assert all(handle.get_alpha() == 1.0 for handle in legend.legend_handles)
 
 
 def test_codes_of_more_dimensions_are_projected_on_two_principal_components():
@@ -234,6 +287,8 @@ def test_history_plots_the_test_elbo_of_each_run():
     lines = {line.get_label(): line for line in axis.get_lines()}
     assert set(lines) == {"ELBO", "MMD"}
     np.testing.assert_array_equal(lines["ELBO"].get_xydata(), [[1, -540.0], [2, -530.0]])
+    assert axis.get_title() == "Test-set ELBO after each epoch"
+    assert vae_utils.plot_history(histories, title="MNIST").axes[0].get_title() == "MNIST"
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -450,7 +450,7 @@ class RunCheckpoint:
             self.history = saved["history"]
             if self.verbose:
                 done = len(self.history)
-                print(f"Restored {self.directory}/ckpt-{epoch}: {done} epoch(s) done, " + (
+                print(f"Restored {self.directory}/ckpt-{epoch}: {done} epoch{'s' * (done != 1)} done, " + (
                       f"resuming at epoch {done + 1}." if done < self.record["training.epochs"] else "complete."))
             return
         if damaged:

@@ -636,9 +636,9 @@ def main(argv=None) -> dict:
                    f"{_ratio_text(paired_ratio(best.name, 'wall'))}" if fastest is not best else "")
     if project_hit:
         sooner = (f"{_ratio_text(time_ratio)} sooner measured, {_ratio_text(estimate_ratio)} at the alternating "
-                  f"rates ({project_hit[0]} epoch(s) against {tutorial_hit[0]})")
+                  f"rates ({project_hit[0]} against {tutorial_hit[0]} epochs)")
     else:
-        sooner = (f"not reached in {len(project_history)} epoch(s): less than {_ratio_text(time_ratio)} sooner "
+        sooner = (f"not reached in {len(project_history)} epochs: less than {_ratio_text(time_ratio)} sooner "
                   f"measured")
     quick_note = " (--quick: synthetic data, the numbers mean nothing)" if args.quick else ""
     print(f"\nSpeed targets, measured in this run{quick_note}:\n"

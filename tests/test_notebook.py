@@ -42,6 +42,24 @@ def test_notebook_runs_top_to_bottom_in_quick_mode(tmp_path):
     training_output = "".join(o.get("text", "") for c in executed.cells for o in c.get("outputs", []))
     assert "\r" not in training_output, "progress-bar redraws were not merged into one line"
 
+    # Run all again, as after a Colab disconnect: every model restores from its checkpoints, and each training cell
+    # (1.9, 2.1, 3.1) shows every epoch's line and reconstructions as the first run did.
+    rerun = tmp_path / "rerun.ipynb"
+    run_notebook.run(NOTEBOOK, rerun, {"QUICK": True, "RUN_APPENDIX": False, "DATA_DIR": _data_dir(),
+                                       "FIGURES_DIR": str(tmp_path / "figures_rerun"),
+                                       "CHECKPOINT_DIR": str(tmp_path / "checkpoints")})
+    first, again = training_cells(executed), training_cells(nbformat.read(rerun, as_version=4))
+    assert len(first) >= 3 and again[:3] == first[:3]
+    assert all(epoch_lines and images for epoch_lines, images in first[:3])
+
+
+def training_cells(notebook):
+    """Per cell that calls main_train_loop: its lines "Epoch ..." and its number of images shown."""
+    cells = [cell for cell in notebook.cells if cell.cell_type == "code" and "main_train_loop(" in cell.source]
+    return [([line for output in cell.outputs for line in output.get("text", "").splitlines()
+              if line.startswith("Epoch ")],
+             sum("image/png" in output.get("data", {}) for output in cell.outputs)) for cell in cells]
+
 
 def test_committed_notebook_is_a_complete_full_run():
     notebook = nbformat.read(NOTEBOOK, as_version=4)

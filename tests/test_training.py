@@ -215,7 +215,7 @@ def test_an_interrupted_run_resumes_to_the_weights_and_history_of_an_uninterrupt
     model.rng.reset_from_seed(99)  # and another state of its noise, until restored
     history = run(data, epochs=3, model=model, loss_fn=make_loss(), checkpoint_dir=folder, verbose=True,
                   on_epoch_end=lambda epoch, *_: trained.append(epoch))
-    assert "1 epoch(s) done, resuming at epoch 2" in capsys.readouterr().out
+    assert "1 epoch done, resuming at epoch 2" in capsys.readouterr().out
     assert trained == [2, 3]
     # The same noise, shuffles and steps: equal to the last bit, the test ELBO of every epoch included.
     assert without_seconds(history) == without_seconds(expected)
@@ -228,7 +228,7 @@ def test_a_finished_run_trains_nothing_and_more_epochs_train_only_the_new_ones(d
     again, trained = fresh_model(6), []
     assert run(data, epochs=2, model=again, checkpoint_dir=folder, verbose=True,
                on_epoch_end=lambda epoch, *_: trained.append(epoch)) == history
-    assert "2 epoch(s) done, complete" in capsys.readouterr().out and trained == []
+    assert "2 epochs done, complete" in capsys.readouterr().out and trained == []
     more = run(data, epochs=3, model=again, checkpoint_dir=folder, on_epoch_end=lambda epoch, *_: trained.append(epoch))
     assert trained == [3] and more[:2] == history
     assert sorted(os.path.basename(p) for p in glob.glob(os.path.join(folder, "ckpt-*.index"))) == [
@@ -275,7 +275,7 @@ def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_run_exactly(tmp_pat
 
     second = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert "1 epoch(s) done, resuming at epoch 2" in second.stdout
+    assert "1 epoch done, resuming at epoch 2" in second.stdout
     started = {epoch: (markers / f"started_{epoch}").read_text().split() for epoch in (1, 2, 3)}
     assert started[1] == [str(first.pid)] and len(started[2]) == 2 and started[3] == started[2][1:]
     history = json.loads((markers / "final_history.json").read_text())
@@ -355,7 +355,7 @@ def test_checkpoints_are_found_by_their_files_whatever_the_state_file_says(data,
     trained = []
     history = run(data, config=train_config(3), checkpoint_dir=str(folder), verbose=True,
                   on_epoch_end=lambda epoch, *_: trained.append(epoch))
-    assert f"Restored {folder}/ckpt-2: 2 epoch(s) done" in capsys.readouterr().out
+    assert f"Restored {folder}/ckpt-2: 2 epochs done" in capsys.readouterr().out
     assert trained == [3] and without_seconds(history) == without_seconds(run(data, epochs=3))
 
 
@@ -364,7 +364,7 @@ def test_a_folder_named_with_glob_characters_or_spaces_resumes(data, tmp_path, c
     folder = str(tmp_path / name)
     run(data, config=train_config(1), checkpoint_dir=folder)
     history = run(data, config=train_config(2), checkpoint_dir=folder, verbose=True)
-    assert "1 epoch(s) done, resuming at epoch 2" in capsys.readouterr().out
+    assert "1 epoch done, resuming at epoch 2" in capsys.readouterr().out
     assert without_seconds(history) == without_seconds(run(data, epochs=2))
 
 

@@ -468,7 +468,7 @@ def iwae_log_likelihood(model: vu.CVAE, x, num_samples: int = 64):
 
 def iwae_nll(model: vu.CVAE, images: np.ndarray, num_samples: int = 64, batch_size: int = 50) -> float:
     """Mean negative importance-weighted bound -log p(x) over `images`, in nats."""
-    return -float(np.mean(vu.map_batches(model, iwae_log_likelihood, images, batch_size, num_samples=num_samples)))
+    return -float(np.mean(vr.map_batches(model, iwae_log_likelihood, images, batch_size, num_samples=num_samples)))
 
 
 def bits_per_dim(nll_nats: float, dims: int) -> float:
@@ -632,7 +632,7 @@ def compare_code_distributions(models: Mapping[str, vu.CVAE], images: np.ndarray
     summaries = {}
     for name, model in models.items():
         summary = latent_distribution_summary(aggregate_posterior_samples(model, images, seed=seed), seed=seed)
-        logvars = vu.map_batches(model, _latent_logvar, images)
+        logvars = vr.map_batches(model, _latent_logvar, images)
         summaries[name] = {**summary, "mean_posterior_std": float(np.exp(0.5 * logvars).mean())}
     return summaries
 

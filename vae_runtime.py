@@ -174,7 +174,7 @@ def show(figure) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The optimizer and the compiled steps
+# The optimizer, the compiled steps and the compiled evaluations
 # ---------------------------------------------------------------------------------------------------------------------
 
 def make_optimizer(config, steps_per_epoch: int) -> tf.keras.optimizers.Optimizer:
@@ -207,6 +207,24 @@ def compile_steps(train_step: Callable, model, optimizer, loss_fn: Callable, str
         return losses.stack()
 
     return train_steps
+
+
+def map_batches(model: tf.keras.Model, function: Callable, images: np.ndarray, batch_size: int = 1000,
+                **kwargs) -> np.ndarray:
+    """Apply `function(model, x, **kwargs)` to `images` in batches and concatenate the per-example results.
+
+    The compiled function is kept on the model, keyed by `function` and `kwargs`, with the batch size left open, so
+    each evaluation traces once per model however often it runs.
+    """
+    images = check_images(images, model.config)
+    # A plain attribute, set past Keras's attribute tracking: the functions live and die with their model.
+    compiled = model.__dict__.setdefault("_compiled_evaluations", {})
+    key = (function, tuple(sorted(kwargs.items())))
+    if key not in compiled:
+        signature = [tf.TensorSpec((None,) + images.shape[1:], tf.float32)]
+        compiled[key] = tf.function(functools.partial(function, model, **kwargs), input_signature=signature)
+    batches = tf.data.Dataset.from_tensor_slices(images).batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    return np.concatenate([compiled[key](batch).numpy() for batch in batches])
 
 
 class NonFiniteLossError(FloatingPointError):

@@ -8,7 +8,6 @@ Importing this module has no side effects: it downloads nothing, trains nothing 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import numbers
 import os
@@ -367,9 +366,6 @@ def elbo_per_example(model: CVAE, x, analytic_kl: bool = False, kl_weight=1.0, t
 # Training
 # ---------------------------------------------------------------------------------------------------------------------
 
-PRECISIONS = vr.PRECISIONS
-
-
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """How a model is trained: Adam for `epochs` epochs, and the settings of the loop around it."""
@@ -393,8 +389,8 @@ class TrainConfig:
         object.__setattr__(self, "learning_rate", float(self.learning_rate))  # Adam refuses a NumPy float
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule={self.lr_schedule!r} must be 'constant' or 'cosine'")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision={self.precision!r} must be one of {PRECISIONS}")
+        if self.precision not in vr.PRECISIONS:
+            raise ValueError(f"precision={self.precision!r} must be one of {vr.PRECISIONS}")
 
 
 def build_model(config: VAEConfig, train_config: TrainConfig = TrainConfig(),
@@ -472,25 +468,9 @@ def report_epoch(row: dict, epochs: int, figure=None, verbose: bool = True) -> N
 # Evaluation
 # ---------------------------------------------------------------------------------------------------------------------
 
-def map_batches(model: CVAE, function: Callable, images: np.ndarray, batch_size: int = 1000, **kwargs) -> np.ndarray:
-    """Apply `function(model, x, **kwargs)` to `images` in batches and concatenate the per-example results.
-
-    The compiled function is kept on the model, keyed by `function` and `kwargs`, with the batch size left open, so
-    each evaluation traces once per model however often it runs.
-    """
-    images = vr.check_images(images, model.config)
-    # A plain attribute, set past Keras's attribute tracking: the functions live and die with their model.
-    compiled = model.__dict__.setdefault("_compiled_evaluations", {})
-    key = (function, tuple(sorted(kwargs.items())))
-    if key not in compiled:
-        signature = [tf.TensorSpec((None,) + images.shape[1:], tf.float32)]
-        compiled[key] = tf.function(functools.partial(function, model, **kwargs), input_signature=signature)
-    return np.concatenate([compiled[key](batch).numpy() for batch in make_dataset(images, batch_size)])
-
-
 def evaluate_elbo(model: CVAE, images: np.ndarray, batch_size: int = 1000, analytic_kl: bool = False) -> float:
     """Mean single-sample ELBO over `images` in nats (KL by Monte Carlo, or in closed form when `analytic_kl`)."""
-    return float(np.mean(map_batches(model, elbo_per_example, images, batch_size, analytic_kl=analytic_kl)))
+    return float(np.mean(vr.map_batches(model, elbo_per_example, images, batch_size, analytic_kl=analytic_kl)))
 
 
 def _latent_mean(model, x):
@@ -503,12 +483,12 @@ def _reconstruction(model, x):
 
 def encode_means(model: CVAE, images: np.ndarray, batch_size: int = 1000) -> np.ndarray:
     """Latent means E_q[z|x] of all `images`, shape (N, latent_dim)."""
-    return map_batches(model, _latent_mean, images, batch_size)
+    return vr.map_batches(model, _latent_mean, images, batch_size)
 
 
 def reconstruct(model: CVAE, images: np.ndarray, batch_size: int = 1000) -> np.ndarray:
     """Mean images decoded from the latent means of `images` (no sampling), in [0, 1]."""
-    return map_batches(model, _reconstruction, images, batch_size)
+    return vr.map_batches(model, _reconstruction, images, batch_size)
 
 
 def psnr(images: np.ndarray, reconstructions: np.ndarray) -> float:
@@ -663,8 +643,6 @@ def _overlap_area(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
 def _name_points(axis, points: np.ndarray, names: Sequence[str], colours: Sequence[str], fontsize: float = 9) -> None:
     """Write each name beside its point on a white halo, at the nearest spot clear of the other names and points."""
     from matplotlib import colors, patheffects
-    from matplotlib.font_manager import FontProperties
-    from matplotlib.textpath import TextPath
 
     scale = 72 / axis.figure.dpi  # points per pixel: the lengths below are in points
     centres = axis.transData.transform(points) * scale
@@ -673,7 +651,7 @@ def _name_points(axis, points: np.ndarray, names: Sequence[str], colours: Sequen
     taken = np.concatenate([centres - radius, centres + radius], axis=1)  # boxes (x0, y0, x1, y1)
     halo = [patheffects.withStroke(linewidth=3, foreground="white")]
     for point, centre, name, colour in zip(points, centres, names, colours):
-        width = TextPath((0, 0), name, size=fontsize, prop=FontProperties(weight="bold")).get_extents().width + 3
+        width = 0.65 * fontsize * len(name) + 3  # a bold character is about 0.65 em wide
         spots = []  # lower-left corners, ring by ring farther out: right, left, above, below, then the diagonals
         for r in radius + 1 + height * np.arange(4):
             spots += [(r, -height / 2), (-r - width, -height / 2), (-width / 2, r), (-width / 2, -r - height),

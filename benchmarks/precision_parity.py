@@ -16,12 +16,13 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import vae_extensions as vx  # noqa: E402
+import vae_runtime as vr  # noqa: E402
 import vae_utils as vu  # noqa: E402
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--precision", default="float32", choices=vu.PRECISIONS)
+    parser.add_argument("--precision", default="float32", choices=vr.PRECISIONS)
     parser.add_argument("--seed", type=int, default=0, help="the notebook's SEED is 0")
     parser.add_argument("--models", default="mnist,cifar10", help="which of the two models to train (comma-separated)")
     parser.add_argument("--output", default=None, help="also write the results rows to this JSON file")

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 
+import vae_runtime
 import vae_utils
 from conftest import TINY, TINY_CONFIG
 
@@ -45,7 +46,7 @@ def test_map_batches_is_the_function_on_the_whole_array_for_any_batch_size(tiny_
     images = splits.test_images[:23]
     whole = tiny_model.encode(images)[0].numpy()
     for batch_size in (1, 5, 23, 100):
-        means = vae_utils.map_batches(tiny_model, lambda model, x: model.encode(x)[0], images, batch_size)
+        means = vae_runtime.map_batches(tiny_model, lambda model, x: model.encode(x)[0], images, batch_size)
         assert means.shape == (23, 2)
         np.testing.assert_allclose(means, whole, rtol=1e-5, atol=1e-6)
 

@@ -424,35 +424,6 @@ def _check_two_classes(labels) -> None:
         raise ValueError(f"the labels hold one class only ({np.unique(labels)}); a probe needs at least two")
 
 
-def class_separability(train_codes, train_labels, test_codes, test_labels, seed: int = 0) -> dict[str, float]:
-    """Linear-probe test accuracy on all latent dimensions and on the 2-D PCA projection a latent plot shows."""
-    from sklearn.decomposition import PCA
-
-    pca = PCA(2, random_state=seed).fit(vr.check_codes(train_codes, "train_codes", min_dims=2))
-    majority = np.bincount(vr.check_labels(train_labels, len(train_codes), "train_labels")).argmax()
-    return {"probe_accuracy": linear_probe_accuracy(train_codes, train_labels, test_codes, test_labels, seed=seed),
-            "probe_accuracy_pca2": linear_probe_accuracy(pca.transform(train_codes), train_labels,
-                                                         pca.transform(test_codes), test_labels, seed=seed),
-            "majority_class_accuracy": float(np.mean(np.ravel(test_labels) == majority))}
-
-
-def probe_table(model: vu.CVAE, data: vu.DataSplits, max_train: int = 10_000, seed: int = 0):
-    """Linear-probe test accuracy (%) on the latent means, on their 2 principal components and on the raw pixels, and
-    of always guessing the most frequent class, all fitted on the same `max_train` training images."""
-    import pandas as pd
-
-    chosen = np.random.default_rng(seed).permutation(len(data.train_images))[:max_train]
-    images, labels = data.train_images[chosen], data.train_labels[chosen]
-    scores = class_separability(vu.encode_means(model, images), labels, vu.encode_means(model, data.test_images),
-                                data.test_labels, seed)
-    pixels = linear_probe_accuracy(images.reshape(len(images), -1), labels,
-                                   data.test_images.reshape(len(data.test_images), -1), data.test_labels, seed=seed)
-    rows = {"latent means, all dimensions": scores["probe_accuracy"],
-            "latent means, the plot's 2 principal components": scores["probe_accuracy_pca2"],
-            "raw pixels": pixels, "always the most frequent class": scores["majority_class_accuracy"]}
-    return (pd.Series(rows) * 100).round(1).to_frame(f"test accuracy % ({len(chosen)} training images)")
-
-
 def iwae_log_likelihood(model: vu.CVAE, x, num_samples: int = 64):
     """Importance-weighted bound on log p(x) per example with `num_samples` samples (Burda et al. 2016)."""
     mean, logvar = model.encode(x)
@@ -495,7 +466,7 @@ def model_metrics(model: vu.CVAE, data: vu.DataSplits, *, iwae_samples: int = 64
         "bits_per_dim": bits_per_dim(nll, model.config.image_dims) if model.likelihood_is_proper(subset) else None,
         "psnr_db": vu.psnr(data.test_images, vu.reconstruct(model, data.test_images, batch_size)),
         "active_units": active_units(test_codes),
-        **class_separability(train_codes, data.train_labels, test_codes, data.test_labels),
+        "probe_accuracy": linear_probe_accuracy(train_codes, data.train_labels, test_codes, data.test_labels),
     }
 
 
@@ -623,36 +594,6 @@ def latent_distribution_summary(codes: np.ndarray, seed: int = 0) -> dict:
     }
 
 
-def _latent_logvar(model, x):
-    return model.encode(x)[1]
-
-
-def compare_code_distributions(models: Mapping[str, vu.CVAE], images: np.ndarray, seed: int = 0) -> dict[str, dict]:
-    """Per model, `latent_distribution_summary` of its aggregate posterior on `images`, plus its mean posterior std."""
-    summaries = {}
-    for name, model in models.items():
-        summary = latent_distribution_summary(aggregate_posterior_samples(model, images, seed=seed), seed=seed)
-        logvars = vr.map_batches(model, _latent_logvar, images)
-        summaries[name] = {**summary, "mean_posterior_std": float(np.exp(0.5 * logvars).mean())}
-    return summaries
-
-
-def elbo_vs_mmd_table(results: Mapping[str, dict], summaries: Mapping[str, dict]):
-    """One column per model: its test metrics (a results row) and how its codes sit against N(0, I) (a summary)."""
-    import pandas as pd
-
-    metrics = {"test_elbo": "test ELBO (nats)", "iwae_nll_nats": "IWAE -log p(x) bound (nats)", "psnr_db": "PSNR (dB)",
-               "active_units": "active units", "probe_accuracy": "linear probe accuracy"}
-    # Labels of at most 50 characters: pandas cuts longer ones ("display.max_colwidth").
-    code_stats = {"mmd_to_prior": "MMD^2(q(z), N(0, I))", "mean_abs_mean": "mean |code mean| per dimension",
-                  "mean_variance": "mean code variance per dimension",
-                  "moment_kl_nats": "KL of moment-matched Gaussian to N(0, I) (nats)",
-                  "mean_posterior_std": "mean posterior std exp(logvar / 2)"}
-    return pd.DataFrame({name: {**{label: results[name][key] for key, label in metrics.items()},
-                                **{label: summaries[name][key] for key, label in code_stats.items()}}
-                         for name in results}).map(lambda value: _text(value, ".4g"))  # 4 significant digits
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # The MMD weight sweep (3.1)
 # ---------------------------------------------------------------------------------------------------------------------
@@ -724,18 +665,6 @@ def choose_mmd_weight(rows: Sequence[dict], reference_mmd: float) -> float:
 # Plots
 # ---------------------------------------------------------------------------------------------------------------------
 
-def walk_between_images(model: vu.CVAE, src_image, dst_image, steps: int = 10,
-                        names: tuple[str, str] = ("source", "destination"), path: str | None = None) -> Figure:
-    """Decode `steps` codes evenly spaced from the latent mean of one image to that of another, beside the two."""
-    if not (vr.is_int(steps) and steps >= 2):
-        raise ValueError(f"steps={steps!r} must be an integer >= 2: the walk decodes both latent means")
-    pair = vr.check_images(np.stack([src_image, dst_image]), model.config, "src_image and dst_image")
-    start, end = vu.encode_means(model, pair)
-    images = np.concatenate([pair[:1], vu.decode_line(model, start, end, steps), pair[1:]])
-    titles = [f"{names[0]} (input)"] + [f"{t:.2f}" for t in np.linspace(0, 1, steps)] + [f"{names[1]} (input)"]
-    return vu.plot_image_grid(images, ncols=steps + 2, titles=titles, cell=1.1, path=path,
-                              suptitle=f"Walk between two test images: {names[0]} to {names[1]}")
-
 
 def plot_latent_moments(summaries: Mapping[str, dict],
                         title: str = "Mean and variance of each code dimension, against the prior N(0, I)",
@@ -771,17 +700,6 @@ def plot_latent_moments(summaries: Mapping[str, dict],
     variance_axis.legend(fontsize=8, markerscale=2)
     figure.suptitle(title)
     return vu._save(figure, path)
-
-
-def plot_prior_samples_by_model(models: Mapping[str, vu.CVAE], num_samples: int = 10, seed: int = 0,
-                                title: str = "The same prior codes decoded by each model",
-                                path: str | None = None) -> Figure:
-    """Decode the same codes drawn from N(0, I) with each model (all of one latent size): one labelled row each."""
-    latent_dim = next(iter(models.values())).config.latent_dim
-    eps = tf.random.stateless_normal((num_samples, latent_dim), seed=(seed, 1))
-    rows = [model.sample(eps).numpy() for model in models.values()]
-    return vu.plot_image_grid(np.concatenate(rows), ncols=num_samples, row_labels=list(models), cell=1.0,
-                              suptitle=title, path=path)
 
 
 def plot_reconstructions_by_model(models: Mapping[str, vu.CVAE], images,

@@ -421,22 +421,6 @@ def test_aggregate_posterior_samples_shape_and_seed():
     assert not np.allclose(first, vu.encode_means(model, images))  # sampled, not the means
 
 
-def test_compare_code_distributions_summarizes_each_model():
-    images = np.random.default_rng(0).random((10, 8, 8, 1)).astype(np.float32)
-    models = {}
-    for name, seed in (("first", 0), ("second", 1)):
-        vu.set_seed(seed)
-        models[name] = vu.CVAE(vu.VAEConfig(img_size=8, latent_dim=3, num_convolutions=1, filters=4))
-    summaries = vx.compare_code_distributions(models, images, seed=2)
-    assert list(summaries) == ["first", "second"]
-    for name, model in models.items():
-        codes = vx.aggregate_posterior_samples(model, images, seed=2)
-        assert summaries[name]["mmd_to_prior"] == pytest.approx(vx.latent_distribution_summary(codes, seed=2)["mmd_to_prior"])
-        expected_std = float(tf.reduce_mean(tf.exp(0.5 * model.encode(images)[1])))
-        assert summaries[name]["mean_posterior_std"] == pytest.approx(expected_std, rel=1e-5)
-    assert summaries["first"]["mmd_to_prior"] != summaries["second"]["mmd_to_prior"]
-
-
 @pytest.mark.parametrize("scales", [(1.0, 0.5), (2.0, 0.55), (1.0, 1.1), (1.4, 0.8), (30.0, 0.03)],
                          ids=["0.25 to 1", "0.3 to 4", "1 to 1.1", "0.8 to 1.4", "0.03 to 30"])
 def test_plot_latent_moments_draws_points_and_plain_variance_ticks(scales):
@@ -458,12 +442,6 @@ def test_plot_latent_moments_draws_points_and_plain_variance_ticks(scales):
     for text in shown:  # plain numbers such as 0.3, 1, 10: no 3×10⁻¹ or 10^0
         assert float(text) > 0 and "times" not in text and "^" not in text and "$" not in text
     assert vx.plot_latent_moments(summaries, title="MNIST").get_suptitle() == "MNIST"
-
-
-@pytest.mark.parametrize("steps", [1, 0, 2.5])
-def test_walk_between_images_refuses_fewer_than_two_steps(tiny_model, mnist_like, steps):
-    with pytest.raises(ValueError, match=f"steps={steps} must be an integer >= 2"):
-        vx.walk_between_images(tiny_model, mnist_like[2][0], mnist_like[2][1], steps=steps)
 
 
 # --- The MMD weight sweep ----------------------------------------------------------------------------------------------
@@ -517,24 +495,6 @@ def test_mmd_weight_sweep_trains_one_model_per_weight_and_chooses(capsys, tmp_pa
             vx.mmd_weight_sweep(bad, model_config, data, config)
 
 
-def test_elbo_vs_mmd_table_has_one_column_per_model():
-    metrics = {"test_elbo": -100.0, "iwae_nll_nats": 98.0, "psnr_db": 15.0, "active_units": 2, "probe_accuracy": 0.9}
-    codes = {"mmd_to_prior": 0.01, "mean_abs_mean": 0.1, "mean_variance": 0.9, "moment_kl_nats": 0.2,
-             "mean_posterior_std": 0.3}
-    table = vx.elbo_vs_mmd_table({"ELBO": metrics, "MMD": {**metrics, "psnr_db": 17.0}},
-                                 {"ELBO": codes, "MMD": {**codes, "mmd_to_prior": 0.001}})
-    assert list(table.columns) == ["ELBO", "MMD"] and len(table) == 10
-    assert table.loc["PSNR (dB)", "MMD"] == "17" and table.loc["MMD^2(q(z), N(0, I))", "ELBO"] == "0.01"
-    # Labels that pandas shows whole (it cuts those longer than display.max_colwidth, 50 by default).
-    assert max(len(label) for label in table.index) <= 50 and "..." not in repr(table)
-    missing = vx.elbo_vs_mmd_table({"ELBO": {**metrics, "iwae_nll_nats": None}, "MMD": metrics},
-                                   {"ELBO": codes, "MMD": {**codes, "mean_posterior_std": float("nan")}})
-    assert missing.loc["IWAE -log p(x) bound (nats)", "ELBO"] == "–"
-    assert missing.loc["mean posterior std exp(logvar / 2)", "MMD"] == "–"
-    assert missing.loc["IWAE -log p(x) bound (nats)", "MMD"] == "98"
-    assert "nan" not in repr(missing).lower() and "None" not in repr(missing)
-
-
 def test_results_table_shows_a_dash_where_a_measure_does_not_apply():
     row = {"epochs": 2, "train_seconds": 100.26, "test_elbo": -2003.34, "iwae_nll_nats": 1990.0, "psnr_db": 19.123,
            "active_units": 40, "probe_accuracy": 0.4125}
@@ -551,10 +511,8 @@ def test_results_table_shows_a_dash_where_a_measure_does_not_apply():
 
 
 @pytest.mark.parametrize("plot", [
-    lambda models, images: vx.walk_between_images(models["ELBO"], images[0], images[1], steps=3),
-    lambda models, images: vx.plot_prior_samples_by_model(models, num_samples=3),
     lambda models, images: vx.plot_reconstructions_by_model(models, images[:3]),
-], ids=["walk_between_images", "plot_prior_samples_by_model", "plot_reconstructions_by_model"])
+], ids=["plot_reconstructions_by_model"])
 def test_image_figures_are_titled_by_default(seeded, plot):
     models = {name: vu.CVAE(vu.VAEConfig(img_size=8, latent_dim=3, num_convolutions=1, filters=4))
               for name in ("ELBO", "MMD")}
@@ -576,8 +534,6 @@ def test_probes_separate_separable_codes_and_refuse_one_class():
     labels = np.arange(200) % 2
     codes = rng.normal(size=(200, 3)) + 4.0 * labels[:, None]
     assert vx.linear_probe_accuracy(codes, labels, codes, labels) == 1.0
-    scores = vx.class_separability(codes, labels, codes, labels)
-    assert scores["probe_accuracy_pca2"] == 1.0 and scores["majority_class_accuracy"] == 0.5
     assert vx.active_units(np.c_[codes[:, :2], np.full(200, 3.0)]) == 2
     with pytest.raises(ValueError, match="one class"):
         vx.linear_probe_accuracy(codes, np.zeros(200, int), codes, labels)
@@ -605,7 +561,4 @@ def test_score_model_results_table_and_written_results(splits, tmp_path):
     assert table.loc["tiny ELBO", "test ELBO"] == f"{result['test_elbo']:.1f}"
     vx.write_results(str(tmp_path / "results.json"), [result], quick=True)
     assert json.loads((tmp_path / "results.json").read_text())["models"][0]["name"] == "tiny ELBO"
-    probes = vx.probe_table(run.model, splits, max_train=128)
-    assert list(probes.index) == ["latent means, all dimensions", "latent means, the plot's 2 principal components",
-                                  "raw pixels", "always the most frequent class"]
-    assert probes.iloc[:, 0].between(0, 100).all()
+    assert 0.0 <= result["probe_accuracy"] <= 1.0

@@ -15,7 +15,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "hw3_vae.ipynb"
 RESULT_KEYS = {"name", "dataset", "loss", "epochs", "train_images", "train_seconds", "test_elbo", "test_elbo_analytic_kl",
                "iwae_images", "elbo_on_iwae_images", "iwae_nll_nats", "bits_per_dim", "psnr_db", "active_units",
-               "probe_accuracy", "probe_accuracy_pca2", "majority_class_accuracy"}
+               "probe_accuracy"}
 
 
 def _data_dir():

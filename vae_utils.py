@@ -675,7 +675,7 @@ def decode_line(model: CVAE, start, end, steps: int) -> np.ndarray:
 
 
 def walk_src_to_dst(model: CVAE, src_class, dst_class, class_means: np.ndarray, class_names: Sequence[str],
-                    steps: int = 10, path: str | None = None) -> Figure:
+                    steps: int = 10, title: str = "Walk between class means", path: str | None = None) -> Figure:
     """Decode `steps` codes evenly spaced from the mean code of `src_class` to that of `dst_class` (name or index)."""
     if not (vr.is_int(steps) and steps >= 2):
         raise ValueError(f"steps={steps!r} must be an integer >= 2: the walk shows both class means")
@@ -694,7 +694,7 @@ def walk_src_to_dst(model: CVAE, src_class, dst_class, class_means: np.ndarray, 
     images = decode_line(model, class_means[src], class_means[dst], steps)
     titles = [class_names[src]] + [f"{t:.2f}" for t in np.linspace(0, 1, steps)[1:-1]] + [class_names[dst]]
     return plot_image_grid(images, ncols=steps, titles=titles, cell=1.1, path=path,
-                           suptitle=f"Walk between class means: {class_names[src]} to {class_names[dst]}")
+                           suptitle=f"{title}: {class_names[src]} to {class_names[dst]}")
 
 
 def plot_prior_samples(model: CVAE, num_samples: int = 40, ncols: int = 10, seed: int = 0,

@@ -26,7 +26,7 @@ def _data_dir():
 
 
 @pytest.mark.slow
-def test_notebook_runs_top_to_bottom_in_quick_mode(tmp_path):
+def test_notebook_runs_in_quick_mode_and_a_rerun_shows_every_epoch_again(tmp_path):
     output = tmp_path / "executed.ipynb"
     run_notebook.run(NOTEBOOK, output, {"QUICK": True, "DATA_DIR": _data_dir(),
                                         "FIGURES_DIR": str(tmp_path / "figures"),

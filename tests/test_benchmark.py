@@ -38,8 +38,6 @@ def test_quick_mode_runs_and_reports_every_part(bench, capsys):
 
 
 def test_precision_rows_follow_the_machine(bench, monkeypatch):
-    import vae_utils as vu
-
     monkeypatch.setattr(bench.vr, "choose_precision", lambda requested="auto", **_: "float32")
     assert bench.precisions_to_measure("float32")[0] == "float32"
     assert bench.precisions_to_measure("mixed_float16")[-1] == "mixed_float16"  # part 2's precision always gets a row
